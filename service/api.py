@@ -1,0 +1,712 @@
+"""The FastAPI application: embeddings, similarity search and stored items.
+
+``create_app(settings)`` returns an app whose lifespan loads the bundle, the
+item store and the FAISS index in a worker thread. ``/healthz`` returns 200
+while they load, and ``/readyz`` returns 200 once they are loaded. Decoding,
+preprocessing, search and store access run in the thread pool, and inference
+runs through the dynamic batcher, so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar, cast
+
+import anyio.to_thread
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.batching import EmbeddingBatcher
+from service.collection import Collection
+from service.encoder import Encoder
+from service.errors import ApiError, error_response, install_error_handlers
+from service.errors import validation_error as to_api_error
+from service.metrics import Metrics
+from service.preprocess import (
+    ImageError,
+    decode_image,
+    make_thumbnail,
+    preprocess_batch,
+    set_pixel_limit,
+)
+from service.schemas import (
+    DeletedItem,
+    EmbedResponse,
+    ErrorResponse,
+    ImageSearchForm,
+    IndexInfo,
+    ItemForm,
+    ItemOut,
+    ItemsRequest,
+    ItemsWritten,
+    ItemWritten,
+    Limits,
+    ModelInfo,
+    ModelRef,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+    Status,
+)
+from service.settings import Settings
+from service.store import ItemRecord, NewItem, StoreError
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+API_KEY_HEADER = "X-API-Key"
+
+
+@dataclass
+class Runtime:
+    """The loaded components that requests use."""
+
+    settings: Settings
+    limits: Limits
+    encoder: Encoder
+    collection: Collection
+    batcher: EmbeddingBatcher
+    metrics: Metrics
+
+
+class ServiceState:
+    """Loading state of one app; ``runtime`` is set once loading succeeds."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.runtime: Runtime | None = None
+        self.load_failed = False
+        self.stopping = False
+
+
+# Dependencies
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+def get_runtime(request: Request) -> Runtime:
+    state = get_state(request)
+    if state.runtime is None or state.stopping:
+        raise ApiError(
+            503,
+            "not_ready",
+            "the service has not loaded the model and index yet; retry when "
+            "/readyz returns 200",
+        )
+    return state.runtime
+
+
+def require_api_key(
+    request: Request,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
+    """Reject writes without the configured API key; allow all if none is set."""
+    expected = get_state(request).settings.api_key
+    if expected is None:
+        return
+    if x_api_key is None or not secrets.compare_digest(
+        x_api_key.encode(), expected.get_secret_value().encode()
+    ):
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"this write needs a valid API key in the {API_KEY_HEADER} header",
+            API_KEY_HEADER,
+        )
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+WriteGuard = Depends(require_api_key)
+
+
+# Request parsing
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _parse_json(model: type[M], body: bytes, limits: Limits) -> M:
+    try:
+        return model.model_validate_json(body, context={"limits": limits})
+    except ValidationError as exc:
+        raise to_api_error(exc) from exc
+
+
+def _parse_form(model: type[M], values: dict[str, Any], limits: Limits) -> M:
+    try:
+        return model.model_validate(values, context={"limits": limits})
+    except ValidationError as exc:
+        raise to_api_error(exc) from exc
+
+
+async def _read_form(request: Request, runtime: Runtime) -> FormData:
+    try:
+        return await request.form(
+            max_files=runtime.settings.max_images_per_request,
+            max_fields=16,
+            max_part_size=runtime.settings.max_metadata_bytes + 1024,
+        )
+    except StarletteHTTPException as exc:
+        raise ApiError(
+            400,
+            "invalid_multipart",
+            f"the multipart body is invalid: {exc.detail}",
+        ) from exc
+
+
+async def _read_uploads(
+    form: FormData, field: str, runtime: Runtime, max_count: int
+) -> list[tuple[str, bytes]]:
+    """Return (name, bytes) of each file in ``field``, checking count and size."""
+    values = form.getlist(field)
+    if not values:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{field}: field required; upload the image file as multipart field "
+            f"{field!r}",
+            field,
+        )
+    if len(values) > max_count:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{field}: {len(values)} files, more than the limit of {max_count}; "
+            "split them into several requests",
+            field,
+        )
+    max_bytes = runtime.settings.max_image_bytes
+    uploads: list[tuple[str, bytes]] = []
+    for i, value in enumerate(values):
+        label = f"{field}[{i}]" if max_count > 1 else field
+        if not isinstance(value, UploadFile):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{label} is a text field; upload the image as a file",
+                field,
+            )
+        data = await value.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"{label} ({value.filename}) is larger than the limit of "
+                f"{max_bytes} bytes; downscale or recompress it",
+                field,
+            )
+        uploads.append((label, data))
+    return uploads
+
+
+def _decode_batch(
+    uploads: list[tuple[str, bytes]], runtime: Runtime, thumbnails: bool
+) -> tuple[np.ndarray, list[bytes | None]]:
+    """Decode and preprocess images; runs in a worker thread."""
+    images = []
+    for label, data in uploads:
+        try:
+            images.append(
+                decode_image(data, runtime.settings.max_image_pixels, name=label)
+            )
+        except ImageError as exc:
+            status = 413 if exc.too_large else 400
+            field = label.split("[")[0]
+            raise ApiError(status, "invalid_image", str(exc), field) from exc
+    batch = preprocess_batch(images, runtime.encoder.metadata.preprocessing)
+    thumbs: list[bytes | None] = [
+        make_thumbnail(image, runtime.settings.thumbnail_size) if thumbnails else None
+        for image in images
+    ]
+    return batch, thumbs
+
+
+async def _embed_uploads(
+    uploads: list[tuple[str, bytes]], runtime: Runtime, thumbnails: bool = False
+) -> tuple[np.ndarray, list[bytes | None]]:
+    with runtime.metrics.time("decode"):
+        batch, thumbs = await anyio.to_thread.run_sync(
+            _decode_batch, uploads, runtime, thumbnails
+        )
+    with runtime.metrics.time("embed"):
+        embeddings = await runtime.batcher.embed(batch)
+    runtime.metrics.images_embedded.inc(len(uploads))
+    return embeddings, thumbs
+
+
+def _item_out(record: ItemRecord) -> ItemOut:
+    return ItemOut(
+        id=record.id,
+        metadata=record.metadata,
+        has_thumbnail=record.has_thumbnail,
+        updated_at=record.updated_at,
+    )
+
+
+def _not_found(item_id: str) -> ApiError:
+    return ApiError(
+        404, "item_not_found", f"item {item_id!r} not found; check the id", "id"
+    )
+
+
+async def _run(runtime: Runtime, stage: str, func: Callable[..., T], *args: Any) -> T:
+    with runtime.metrics.time(stage):
+        return await anyio.to_thread.run_sync(func, *args)
+
+
+# Routes
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)
+}
+
+
+def _body_doc(json_model: type[BaseModel] | None, form: dict[str, Any]) -> dict:
+    content: dict[str, Any] = {"multipart/form-data": {"schema": form}}
+    if json_model is not None:
+        content["application/json"] = {"schema": json_model.model_json_schema()}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+_IMAGE_FILE = {"type": "string", "format": "binary"}
+
+router = APIRouter(prefix="/v1", responses=_ERRORS)
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    openapi_extra=_body_doc(
+        None,
+        {
+            "type": "object",
+            "properties": {"images": {"type": "array", "items": _IMAGE_FILE}},
+            "required": ["images"],
+        },
+    ),
+)
+async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
+    """Embed one or more images, uploaded as multipart field `images`."""
+    if _media_type(request) != "multipart/form-data":
+        raise _unsupported_media(request, "multipart/form-data")
+    form = await _read_form(request, runtime)
+    uploads = await _read_uploads(
+        form, "images", runtime, runtime.settings.max_images_per_request
+    )
+    embeddings, _ = await _embed_uploads(uploads, runtime)
+    return EmbedResponse(
+        embeddings=embeddings.tolist(),
+        dim=runtime.encoder.dim,
+        model=_model_ref(runtime),
+    )
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    openapi_extra=_body_doc(
+        SearchRequest,
+        {
+            "type": "object",
+            "properties": {"image": _IMAGE_FILE, "k": {"type": "integer"}},
+            "required": ["image"],
+        },
+    ),
+)
+async def search(request: Request, runtime: RuntimeDep) -> SearchResponse:
+    """Find the k stored items nearest to an image, a vector or a stored item.
+
+    Send multipart with file `image` and form field `k`, or JSON
+    `{"vector": [...], "k": 10}`, or JSON `{"id": "...", "k": 10}`. A search by
+    id leaves that item out of the results.
+    """
+    media_type = _media_type(request)
+    exclude_id: str | None = None
+    if media_type == "multipart/form-data":
+        form = await _read_form(request, runtime)
+        params = _parse_form(ImageSearchForm, {"k": form.get("k", 10)}, runtime.limits)
+        uploads = await _read_uploads(form, "image", runtime, max_count=1)
+        embeddings, _ = await _embed_uploads(uploads, runtime)
+        query, k = embeddings[0], params.k
+    elif media_type == "application/json":
+        body = _parse_json(SearchRequest, await request.body(), runtime.limits)
+        k = body.k
+        if body.vector is not None:
+            query = np.asarray(body.vector, dtype=np.float32)
+        else:
+            # SearchRequest's validator guarantees an id when there is no vector.
+            item_id = cast(str, body.id)
+            stored = await _run(
+                runtime, "store", runtime.collection.store.get_vector, item_id
+            )
+            if stored is None:
+                raise _not_found(item_id)
+            query, exclude_id = stored, item_id
+    else:
+        raise _unsupported_media(request, "multipart/form-data or application/json")
+
+    # One extra result leaves room to drop the query item itself.
+    fetch = k + 1 if exclude_id is not None else k
+    (hits,) = await _run(
+        runtime, "search", runtime.collection.search, query[None, :], fetch
+    )
+    results = [
+        SearchHit(
+            id=hit.record.id,
+            # Float32 rounding can put a unit vector's self-score just above 1.
+            score=min(max(hit.score, -1.0), 1.0),
+            metadata=hit.record.metadata,
+        )
+        for hit in hits
+        if hit.record.id != exclude_id
+    ]
+    results.sort(key=lambda hit: hit.score, reverse=True)
+    return SearchResponse(results=results[:k])
+
+
+@router.post(
+    "/items",
+    status_code=201,
+    response_model=ItemWritten | ItemsWritten,
+    dependencies=[WriteGuard],
+    openapi_extra=_body_doc(
+        ItemsRequest,
+        {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "image": _IMAGE_FILE,
+                "metadata": {"type": "string", "description": "A JSON object."},
+            },
+            "required": ["id", "image"],
+        },
+    ),
+)
+async def put_items(
+    request: Request, runtime: RuntimeDep
+) -> ItemWritten | ItemsWritten:
+    """Add or replace items, and return after the store has committed them.
+
+    Multipart with form `id`, file `image` and optional form `metadata` (a JSON
+    object) embeds the image and stores a thumbnail. JSON
+    `{"items": [{"id", "vector", "metadata"}]}` adds or replaces items by
+    vector in one transaction.
+    """
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
+        form = await _read_form(request, runtime)
+        values = {"id": form.get("id")} if form.get("id") is not None else {}
+        if form.get("metadata") is not None:
+            values["metadata"] = form.get("metadata")
+        fields = _parse_form(ItemForm, values, runtime.limits)
+        uploads = await _read_uploads(form, "image", runtime, max_count=1)
+        embeddings, thumbs = await _embed_uploads(uploads, runtime, thumbnails=True)
+        new_items = [
+            NewItem(
+                id=fields.id,
+                vector=embeddings[0],
+                metadata=fields.metadata,
+                thumbnail=thumbs[0],
+            )
+        ]
+    elif media_type == "application/json":
+        body = _parse_json(ItemsRequest, await request.body(), runtime.limits)
+        new_items = [
+            NewItem(
+                id=item.id,
+                vector=np.asarray(item.vector, dtype=np.float32),
+                metadata=item.metadata,
+            )
+            for item in body.items
+        ]
+    else:
+        raise _unsupported_media(request, "multipart/form-data or application/json")
+
+    results = await _run(runtime, "store", runtime.collection.upsert, new_items)
+    written = [
+        ItemWritten(**_item_out(r.record).model_dump(), created=r.created)
+        for r in results
+    ]
+    if media_type == "multipart/form-data":
+        return written[0]
+    return ItemsWritten(items=written)
+
+
+@router.get("/items/{item_id:path}/thumbnail", response_class=Response)
+async def get_thumbnail(item_id: str, runtime: RuntimeDep) -> Response:
+    """Return an item's JPEG thumbnail."""
+    data = await _run(runtime, "store", runtime.collection.store.get_thumbnail, item_id)
+    if data is None:
+        record = await _run(runtime, "store", runtime.collection.store.get, item_id)
+        if record is None:
+            raise _not_found(item_id)
+        raise ApiError(
+            404,
+            "thumbnail_not_found",
+            f"item {item_id!r} has no thumbnail, because it was added by vector",
+            "id",
+        )
+    return Response(content=data, media_type="image/jpeg")
+
+
+@router.get("/items/{item_id:path}", response_model=ItemOut)
+async def get_item(item_id: str, runtime: RuntimeDep) -> ItemOut:
+    """Return an item's id, metadata and whether it has a thumbnail."""
+    record = await _run(runtime, "store", runtime.collection.store.get, item_id)
+    if record is None:
+        raise _not_found(item_id)
+    return _item_out(record)
+
+
+@router.delete(
+    "/items/{item_id:path}", response_model=DeletedItem, dependencies=[WriteGuard]
+)
+async def delete_item(item_id: str, runtime: RuntimeDep) -> DeletedItem:
+    """Delete an item, and return after the store has committed the deletion."""
+    record = await _run(runtime, "store", runtime.collection.delete, item_id)
+    if record is None:
+        raise _not_found(item_id)
+    return DeletedItem(id=item_id)
+
+
+@router.get("/index", response_model=IndexInfo)
+async def index_info(runtime: RuntimeDep) -> IndexInfo:
+    """Return the index's size, kind, dimension and snapshot seq."""
+    collection = runtime.collection
+    return IndexInfo(
+        size=len(collection),
+        kind=collection.kind,
+        dim=collection.dim,
+        applied_seq=collection.applied_seq,
+        snapshot_seq=collection.snapshot_seq,
+    )
+
+
+@router.get("/model", response_model=ModelInfo)
+async def model_info(runtime: RuntimeDep) -> ModelInfo:
+    """Return the bundle's metadata and the ONNX Runtime provider in use."""
+    return ModelInfo(
+        bundle=runtime.encoder.metadata.model_dump(mode="json"),
+        provider=runtime.encoder.provider,
+    )
+
+
+def _model_ref(runtime: Runtime) -> ModelRef:
+    metadata = runtime.encoder.metadata
+    return ModelRef(sha256=metadata.onnx_sha256, architecture=metadata.architecture)
+
+
+def _unsupported_media(request: Request, expected: str) -> ApiError:
+    return ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {_media_type(request) or '(none)'!r} is not supported here; "
+        f"send {expected}",
+        "Content-Type",
+    )
+
+
+probes = APIRouter()
+
+
+@probes.get("/healthz", response_model=Status, responses={503: {"model": Status}})
+async def healthz(state: StateDep) -> Any:
+    """Return 200 while the process works, 503 if loading the model failed."""
+    if state.load_failed:
+        return JSONResponse(
+            status_code=503,
+            content=Status(
+                status="failed", detail="loading failed; the server log has details"
+            ).model_dump(),
+        )
+    return Status(status="ok")
+
+
+@probes.get("/readyz", response_model=Status, responses={503: {"model": Status}})
+async def readyz(state: StateDep) -> Any:
+    """Return 200 once the bundle, store and index are loaded, else 503."""
+    if state.runtime is not None and not state.stopping:
+        return Status(status="ready")
+    detail = "loading failed" if state.load_failed else "loading"
+    if state.stopping:
+        detail = "stopping"
+    return JSONResponse(
+        status_code=503, content=Status(status="not_ready", detail=detail).model_dump()
+    )
+
+
+@probes.get("/metrics", include_in_schema=False)
+async def metrics(state: StateDep) -> Response:
+    """Return Prometheus metrics."""
+    return Response(
+        generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+# Application
+
+
+class BodySizeLimit:
+    """Reject request bodies larger than ``max_bytes`` with 413.
+
+    Checks Content-Length up front and counts the bytes of streamed bodies.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        headers = dict(scope.get("headers", []))
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = error_response(413, "request_too_large", self._message())
+            await response(scope, receive, send)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise ApiError(413, "request_too_large", self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return (
+            f"the request body is larger than the limit of {self.max_bytes} bytes; "
+            "send fewer or smaller images per request"
+        )
+
+
+def load_components(settings: Settings) -> tuple[Encoder, Collection]:
+    """Load the bundle, open the store and bring the index up to date.
+
+    Writes a fresh snapshot when the index had to replay changes or be rebuilt,
+    so the next start-up is faster.
+    """
+    encoder = Encoder(settings.bundle_dir)
+    collection = Collection(settings.data_dir, encoder.sha256, encoder.dim)
+    if collection.snapshot_seq != collection.applied_seq:
+        try:
+            collection.snapshot()
+        except OSError:
+            logger.exception("Writing the start-up index snapshot failed; continuing")
+    return encoder, collection
+
+
+async def _load(state: ServiceState) -> None:
+    settings = state.settings
+    try:
+        encoder, collection = await anyio.to_thread.run_sync(load_components, settings)
+    except (OSError, ValueError, StoreError):
+        # BundleError is a ValueError; the traceback names the failing file.
+        state.load_failed = True
+        logger.exception("Loading the service failed; /readyz will return 503")
+        return
+
+    batcher = EmbeddingBatcher(
+        encoder,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000,
+    )
+    batcher.start()
+    limits = Limits(
+        max_k=settings.max_k,
+        max_id_length=settings.max_id_length,
+        max_metadata_bytes=settings.max_metadata_bytes,
+        max_items_per_request=settings.max_images_per_request,
+        dim=encoder.dim,
+    )
+    state.metrics.track_index_size(lambda: float(len(collection)))
+    state.runtime = Runtime(
+        settings=settings,
+        limits=limits,
+        encoder=encoder,
+        collection=collection,
+        batcher=batcher,
+        metrics=state.metrics,
+    )
+    logger.info(
+        "Ready: %d items, model sha256 %s, provider %s",
+        len(collection),
+        encoder.sha256[:12],
+        encoder.provider,
+    )
+
+
+def _shutdown(collection: Collection) -> None:
+    try:
+        if collection.snapshot_seq != collection.applied_seq:
+            collection.snapshot()
+    except OSError:
+        logger.exception("Writing the shutdown index snapshot failed")
+    finally:
+        collection.close()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the components in the background; snapshot and close at shutdown."""
+    state: ServiceState = app.state.service
+    set_pixel_limit(state.settings.max_image_pixels)
+    loader = asyncio.create_task(_load(state), name="load-service")
+    try:
+        yield
+    finally:
+        state.stopping = True
+        if not loader.done():
+            loader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loader
+        runtime = state.runtime
+        if runtime is not None:
+            await runtime.batcher.stop()
+            await anyio.to_thread.run_sync(_shutdown, runtime.collection)
+            logger.info(
+                "Stopped; index snapshot at seq %s", runtime.collection.snapshot_seq
+            )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; its lifespan loads the bundle, store and index."""
+    app = FastAPI(
+        title="dcl-embed",
+        summary="Image embeddings and similarity search with a DCL-pretrained encoder.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = ServiceState(settings, Metrics())
+    install_error_handlers(app)
+    app.include_router(router)
+    app.include_router(probes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,141 @@
+"""Dynamic batching: concurrent embedding requests share one ONNX Runtime call.
+
+Requests put their preprocessed images on an asyncio queue. One worker task takes
+the first waiting request, waits up to ``max_wait_s`` for more to arrive while
+the batch has room, runs the encoder once in a worker thread, and hands each
+request its rows of the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import anyio.to_thread
+import numpy as np
+
+from service.encoder import Encoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    images: np.ndarray
+    future: asyncio.Future[np.ndarray]
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was stopped, so it takes no more requests."""
+
+
+class EmbeddingBatcher:
+    """Gathers concurrent ``embed`` calls into batches of at most ``max_batch_size``.
+
+    A request larger than ``max_batch_size`` runs alone, in one call. Create and
+    use the batcher inside one running event loop; call ``start`` before the
+    first request and ``stop`` at shutdown.
+
+    Args:
+        encoder: the ONNX Runtime encoder.
+        max_batch_size: maximum number of images in one encoder call, summed over
+            requests.
+        max_wait_s: how long the first request of a batch waits for others.
+    """
+
+    def __init__(
+        self, encoder: Encoder, max_batch_size: int = 64, max_wait_s: float = 0.002
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size is {max_batch_size}; use 1 or more")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s is {max_wait_s}; use 0 or more")
+        self.encoder = encoder
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches_run = 0
+
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(
+                self._run(), name="embedding-batcher"
+            )
+
+    async def stop(self) -> None:
+        """Stop the worker and fail the requests still waiting."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        while not self._queue.empty():
+            request = self._queue.get_nowait()
+            if not request.future.done():
+                request.future.set_exception(BatcherClosed("the service is stopping"))
+
+    async def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embed a preprocessed [N, 3, H, W] batch; return [N, D] float32."""
+        if self._closed or self._worker is None:
+            raise BatcherClosed("the embedding batcher is not running")
+        if len(images) == 0:
+            return np.empty((0, self.encoder.dim), dtype=np.float32)
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(images=images, future=future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0].images)
+            deadline = time.monotonic() + self.max_wait_s
+            while size < self.max_batch_size:
+                # Take what is already queued, then wait for the rest of the window.
+                if self._queue.empty():
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        break
+                    try:
+                        request = await asyncio.wait_for(self._queue.get(), timeout)
+                    except TimeoutError:
+                        break
+                else:
+                    request = self._queue.get_nowait()
+                if size + len(request.images) > self.max_batch_size:
+                    # Too big to join: it starts the next batch.
+                    await self._run_batch(batch)
+                    batch, size = [request], len(request.images)
+                    deadline = time.monotonic() + self.max_wait_s
+                    continue
+                batch.append(request)
+                size += len(request.images)
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        live = [r for r in batch if not r.future.done()]
+        if not live:
+            return
+        images = np.concatenate([r.images for r in live], axis=0)
+        try:
+            embeddings = await anyio.to_thread.run_sync(self.encoder.embed, images)
+        except Exception as exc:
+            logger.exception("Embedding a batch of %d images failed", len(images))
+            for request in live:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        self.batches_run += 1
+        start = 0
+        for request in live:
+            end = start + len(request.images)
+            if not request.future.done():
+                request.future.set_result(embeddings[start:end])
+            start = end

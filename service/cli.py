@@ -1,0 +1,119 @@
+"""Argument parsing for ``dcl index`` and ``dcl serve``.
+
+Importing this module is cheap: the handlers import the service modules (and
+with them onnxruntime and FAISS) only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_index_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``index``: embed a folder of images into a data dir."""
+    parser = subparsers.add_parser(
+        "index",
+        help="embed a folder of images into a data dir for `dcl serve`",
+        description="Embed every image under IMAGES_DIR (recursively) and add it "
+        "to the item store and FAISS index in --data-dir. The item id is the "
+        "file's relative path; re-running replaces items instead of duplicating.",
+    )
+    parser.add_argument(
+        "images_dir", type=Path, metavar="IMAGES_DIR", help="folder of images"
+    )
+    parser.add_argument(
+        "--bundle", type=Path, required=True, help="model bundle folder"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        required=True,
+        help="folder for the item store and index snapshots (created if missing)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per ONNX call (default 64)"
+    )
+    parser.set_defaults(func=_run_index)
+    return parser
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``serve``: the HTTP API. Flags override the ``DCL_`` environment."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the embedding and search API",
+        description="Serve the HTTP API. Every setting can also come from a DCL_ "
+        "environment variable (DCL_BUNDLE_DIR, DCL_DATA_DIR, DCL_MAX_K, ...); "
+        "flags take precedence.",
+    )
+    parser.add_argument(
+        "--bundle", type=Path, help="model bundle folder (env DCL_BUNDLE_DIR)"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="item store and index folder (env DCL_DATA_DIR)"
+    )
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (default 8000)")
+    parser.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level"
+    )
+    parser.set_defaults(func=_run_serve)
+    return parser
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from service.bundle import BundleError
+    from service.indexing import index_folder
+    from service.server import configure_logging
+    from service.store import StoreError
+
+    configure_logging("INFO")
+    try:
+        report = index_folder(
+            args.bundle, args.data_dir, args.images_dir, batch_size=args.batch_size
+        )
+    except (BundleError, StoreError, ValueError) as exc:
+        logger.error("dcl index failed: %s", exc)
+        return 2
+    for path, reason in sorted(report.skipped_files.items()):
+        logger.warning("skipped %s: %s", path, reason)
+    logger.info(
+        "%d added, %d updated, %d skipped; %d items in %s",
+        report.added,
+        report.updated,
+        report.skipped,
+        report.total_items,
+        args.data_dir,
+    )
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.server import run
+    from service.settings import Settings
+
+    overrides = {
+        "bundle_dir": args.bundle,
+        "data_dir": args.data_dir,
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        logging.basicConfig()
+        logger.error(
+            "invalid settings; pass --bundle and --data-dir or set DCL_BUNDLE_DIR "
+            "and DCL_DATA_DIR:\n%s",
+            exc,
+        )
+        return 2
+    run(settings)
+    return 0
