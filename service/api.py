@@ -11,28 +11,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
 import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.batching import EmbeddingBatcher
+from service.batching import BatcherClosed, EmbeddingBatcher, QueueFull
 from service.collection import Collection
-from service.encoder import Encoder
+from service.encoder import Encoder, choose_providers
 from service.errors import ApiError, error_response, install_error_handlers
 from service.errors import validation_error as to_api_error
+from service.index import SearchParams
+from service.indexing import open_collection
 from service.metrics import Metrics
+from service.observability import RequestObserver
 from service.preprocess import (
     ImageError,
     decode_image,
@@ -68,6 +74,9 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 API_KEY_HEADER = "X-API-Key"
+# Seconds a client should wait after a 429 from a full embedding queue.
+RETRY_AFTER_S = 1
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 @dataclass
@@ -113,28 +122,62 @@ def get_runtime(request: Request) -> Runtime:
     return state.runtime
 
 
-def require_api_key(
-    request: Request,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> None:
-    """Reject writes without the configured API key; allow all if none is set."""
+_bearer_scheme = HTTPBearer(
+    auto_error=False, description="The API key as `Authorization: Bearer <key>`."
+)
+_header_scheme = APIKeyHeader(
+    name=API_KEY_HEADER,
+    auto_error=False,
+    description=f"The API key in the {API_KEY_HEADER} header.",
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)]
+ApiKeyHeaderDep = Annotated[str | None, Depends(_header_scheme)]
+
+
+def check_api_key(request: Request, bearer: str | None, header: str | None) -> None:
+    """Reject the request unless a supplied key equals the configured one.
+
+    Compares in constant time. Does nothing when no key is configured.
+    """
     expected = get_state(request).settings.api_key
     if expected is None:
         return
-    if x_api_key is None or not secrets.compare_digest(
-        x_api_key.encode(), expected.get_secret_value().encode()
-    ):
+    secret = expected.get_secret_value().encode()
+    supplied = [key.encode() for key in (bearer, header) if key is not None]
+    # Compare every supplied key, so the time taken does not depend on which one
+    # matched.
+    matches = [hmac.compare_digest(key, secret) for key in supplied]
+    if not any(matches):
+        reason = "a wrong API key" if supplied else "no API key"
         raise ApiError(
             401,
             "unauthorized",
-            f"this write needs a valid API key in the {API_KEY_HEADER} header",
+            f"this request has {reason}; send the key as 'Authorization: Bearer "
+            f"<key>' or in the {API_KEY_HEADER} header",
             API_KEY_HEADER,
+            headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def require_key_for_writes(
+    request: Request, bearer: BearerDep, header: ApiKeyHeaderDep
+) -> None:
+    """Guard a write route: needs the key whenever one is configured."""
+    check_api_key(request, bearer.credentials if bearer else None, header)
+
+
+def require_key_for_reads(
+    request: Request, bearer: BearerDep, header: ApiKeyHeaderDep
+) -> None:
+    """Guard a read route: needs the key only with ``auth_mode`` ``all``."""
+    if get_state(request).settings.auth_mode == "all":
+        check_api_key(request, bearer.credentials if bearer else None, header)
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-WriteGuard = Depends(require_api_key)
+WriteGuard = Depends(require_key_for_writes)
+ReadGuard = Depends(require_key_for_reads)
 
 
 # Request parsing
@@ -240,15 +283,41 @@ def _decode_batch(
     return batch, thumbs
 
 
+def _overloaded(max_queue_size: int) -> ApiError:
+    return ApiError(
+        429,
+        "overloaded",
+        f"the embedding queue is full (limit of {max_queue_size} waiting requests, "
+        f"DCL_MAX_QUEUE_SIZE); retry after {RETRY_AFTER_S} s or send fewer "
+        "requests at once",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 async def _embed_uploads(
     uploads: list[tuple[str, bytes]], runtime: Runtime, thumbnails: bool = False
 ) -> tuple[np.ndarray, list[bytes | None]]:
+    batcher = runtime.batcher
+    # Reject before decoding too, so that overload costs no decoding work.
+    if batcher.queue_depth >= batcher.max_queue_size:
+        runtime.metrics.queue_rejections.inc()
+        raise _overloaded(batcher.max_queue_size)
     with runtime.metrics.time("decode"):
         batch, thumbs = await anyio.to_thread.run_sync(
             _decode_batch, uploads, runtime, thumbnails
         )
-    with runtime.metrics.time("embed"):
-        embeddings = await runtime.batcher.embed(batch)
+    try:
+        with runtime.metrics.time("embed"):
+            embeddings = await batcher.embed(batch)
+    except QueueFull as exc:
+        raise _overloaded(exc.max_queue_size) from exc
+    except BatcherClosed as exc:
+        raise ApiError(
+            503,
+            "not_ready",
+            "the service is stopping; retry on another replica",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from exc
     runtime.metrics.images_embedded.inc(len(uploads))
     return embeddings, thumbs
 
@@ -275,26 +344,63 @@ async def _run(runtime: Runtime, stage: str, func: Callable[..., T], *args: Any)
 
 # Routes
 
+_ERROR_DESCRIPTIONS = {
+    400: "The image or multipart body is invalid.",
+    401: "The API key is missing or wrong (only when one is configured).",
+    404: "The item or thumbnail was not found.",
+    413: "The body, an image's bytes or an image's pixels exceed a limit.",
+    415: "The Content-Type is not one this route accepts.",
+    422: "A field is missing or breaks a limit; the message names it.",
+    429: "The embedding queue is full; retry after Retry-After seconds.",
+    503: "The model and index are not loaded yet, or the service is stopping.",
+}
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)
+    code: {
+        "model": ErrorResponse,
+        "description": description,
+        "content": {
+            "application/json": {
+                "example": {
+                    "error": {
+                        "code": "invalid_request",
+                        "message": description,
+                        "field": None,
+                    }
+                }
+            }
+        },
+    }
+    for code, description in _ERROR_DESCRIPTIONS.items()
 }
 
 
-def _body_doc(json_model: type[BaseModel] | None, form: dict[str, Any]) -> dict:
-    content: dict[str, Any] = {"multipart/form-data": {"schema": form}}
+def _body_doc(
+    json_model: type[BaseModel] | None,
+    form: dict[str, Any],
+    form_example: dict[str, Any],
+) -> dict:
+    content: dict[str, Any] = {
+        "multipart/form-data": {"schema": form, "example": form_example}
+    }
     if json_model is not None:
-        content["application/json"] = {"schema": json_model.model_json_schema()}
+        schema = json_model.model_json_schema()
+        content["application/json"] = {
+            "schema": schema,
+            "example": schema["examples"][0],
+        }
     return {"requestBody": {"required": True, "content": content}}
 
 
 _IMAGE_FILE = {"type": "string", "format": "binary"}
 
-router = APIRouter(prefix="/v1", responses=_ERRORS)
+router = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[ReadGuard])
 
 
 @router.post(
     "/embed",
     response_model=EmbedResponse,
+    tags=["embeddings"],
+    summary="Embed images",
     openapi_extra=_body_doc(
         None,
         {
@@ -302,6 +408,7 @@ router = APIRouter(prefix="/v1", responses=_ERRORS)
             "properties": {"images": {"type": "array", "items": _IMAGE_FILE}},
             "required": ["images"],
         },
+        {"images": ["(binary JPEG or PNG file)"]},
     ),
 )
 async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
@@ -327,10 +434,19 @@ async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
         SearchRequest,
         {
             "type": "object",
-            "properties": {"image": _IMAGE_FILE, "k": {"type": "integer"}},
+            "properties": {
+                "image": _IMAGE_FILE,
+                "k": {"type": "integer"},
+                "ef_search": {"type": "integer"},
+                "nprobe": {"type": "integer"},
+                "filter": {"type": "string", "description": "A JSON object."},
+            },
             "required": ["image"],
         },
+        {"image": "(binary JPEG or PNG file)", "k": 10},
     ),
+    tags=["search"],
+    summary="Find nearest items",
 )
 async def search(request: Request, runtime: RuntimeDep) -> SearchResponse:
     """Find the k stored items nearest to an image, a vector or a stored item.
@@ -343,13 +459,17 @@ async def search(request: Request, runtime: RuntimeDep) -> SearchResponse:
     exclude_id: str | None = None
     if media_type == "multipart/form-data":
         form = await _read_form(request, runtime)
-        params = _parse_form(ImageSearchForm, {"k": form.get("k", 10)}, runtime.limits)
+        values = {"k": form.get("k", 10)}
+        for name in ("ef_search", "nprobe", "filter"):
+            if form.get(name) is not None:
+                values[name] = form.get(name)
+        params = _parse_form(ImageSearchForm, values, runtime.limits)
         uploads = await _read_uploads(form, "image", runtime, max_count=1)
         embeddings, _ = await _embed_uploads(uploads, runtime)
-        query, k = embeddings[0], params.k
+        query, k, options = embeddings[0], params.k, params
     elif media_type == "application/json":
         body = _parse_json(SearchRequest, await request.body(), runtime.limits)
-        k = body.k
+        k, options = body.k, body
         if body.vector is not None:
             query = np.asarray(body.vector, dtype=np.float32)
         else:
@@ -366,8 +486,15 @@ async def search(request: Request, runtime: RuntimeDep) -> SearchResponse:
 
     # One extra result leaves room to drop the query item itself.
     fetch = k + 1 if exclude_id is not None else k
+    search_params = SearchParams(ef_search=options.ef_search, nprobe=options.nprobe)
     (hits,) = await _run(
-        runtime, "search", runtime.collection.search, query[None, :], fetch
+        runtime,
+        "search",
+        runtime.collection.search,
+        query[None, :],
+        fetch,
+        search_params,
+        options.filter,
     )
     results = [
         SearchHit(
@@ -399,7 +526,14 @@ async def search(request: Request, runtime: RuntimeDep) -> SearchResponse:
             },
             "required": ["id", "image"],
         },
+        {
+            "id": "cat-1",
+            "image": "(binary JPEG or PNG file)",
+            "metadata": '{"label": "cat"}',
+        },
     ),
+    tags=["items"],
+    summary="Add or replace items",
 )
 async def put_items(
     request: Request, runtime: RuntimeDep
@@ -426,6 +560,7 @@ async def put_items(
                 vector=embeddings[0],
                 metadata=fields.metadata,
                 thumbnail=thumbs[0],
+                source=uploads[0][1] if runtime.settings.store_source_images else None,
             )
         ]
     elif media_type == "application/json":
@@ -451,7 +586,13 @@ async def put_items(
     return ItemsWritten(items=written)
 
 
-@router.get("/items/{item_id:path}/thumbnail", response_class=Response)
+@router.get(
+    "/items/{item_id:path}/thumbnail",
+    response_class=Response,
+    tags=["items"],
+    summary="Get an item's thumbnail",
+    responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG."}},
+)
 async def get_thumbnail(item_id: str, runtime: RuntimeDep) -> Response:
     """Return an item's JPEG thumbnail."""
     data = await _run(runtime, "store", runtime.collection.store.get_thumbnail, item_id)
@@ -468,7 +609,9 @@ async def get_thumbnail(item_id: str, runtime: RuntimeDep) -> Response:
     return Response(content=data, media_type="image/jpeg")
 
 
-@router.get("/items/{item_id:path}", response_model=ItemOut)
+@router.get(
+    "/items/{item_id:path}", response_model=ItemOut, tags=["items"], summary="Get item"
+)
 async def get_item(item_id: str, runtime: RuntimeDep) -> ItemOut:
     """Return an item's id, metadata and whether it has a thumbnail."""
     record = await _run(runtime, "store", runtime.collection.store.get, item_id)
@@ -478,7 +621,11 @@ async def get_item(item_id: str, runtime: RuntimeDep) -> ItemOut:
 
 
 @router.delete(
-    "/items/{item_id:path}", response_model=DeletedItem, dependencies=[WriteGuard]
+    "/items/{item_id:path}",
+    response_model=DeletedItem,
+    dependencies=[WriteGuard],
+    tags=["items"],
+    summary="Delete item",
 )
 async def delete_item(item_id: str, runtime: RuntimeDep) -> DeletedItem:
     """Delete an item, and return after the store has committed the deletion."""
@@ -488,7 +635,9 @@ async def delete_item(item_id: str, runtime: RuntimeDep) -> DeletedItem:
     return DeletedItem(id=item_id)
 
 
-@router.get("/index", response_model=IndexInfo)
+@router.get(
+    "/index", response_model=IndexInfo, tags=["service"], summary="Describe the index"
+)
 async def index_info(runtime: RuntimeDep) -> IndexInfo:
     """Return the index's size, kind, dimension and snapshot seq."""
     collection = runtime.collection
@@ -501,7 +650,9 @@ async def index_info(runtime: RuntimeDep) -> IndexInfo:
     )
 
 
-@router.get("/model", response_model=ModelInfo)
+@router.get(
+    "/model", response_model=ModelInfo, tags=["service"], summary="Describe the model"
+)
 async def model_info(runtime: RuntimeDep) -> ModelInfo:
     """Return the bundle's metadata and the ONNX Runtime provider in use."""
     return ModelInfo(
@@ -528,7 +679,13 @@ def _unsupported_media(request: Request, expected: str) -> ApiError:
 probes = APIRouter()
 
 
-@probes.get("/healthz", response_model=Status, responses={503: {"model": Status}})
+@probes.get(
+    "/healthz",
+    response_model=Status,
+    responses={503: {"model": Status, "description": "Loading the bundle failed."}},
+    tags=["probes"],
+    summary="Liveness probe",
+)
 async def healthz(state: StateDep) -> Any:
     """Return 200 while the process works, 503 if loading the model failed."""
     if state.load_failed:
@@ -541,7 +698,13 @@ async def healthz(state: StateDep) -> Any:
     return Status(status="ok")
 
 
-@probes.get("/readyz", response_model=Status, responses={503: {"model": Status}})
+@probes.get(
+    "/readyz",
+    response_model=Status,
+    responses={503: {"model": Status, "description": "Loading, failed or stopping."}},
+    tags=["probes"],
+    summary="Readiness probe",
+)
 async def readyz(state: StateDep) -> Any:
     """Return 200 once the bundle, store and index are loaded, else 503."""
     if state.runtime is not None and not state.stopping:
@@ -560,6 +723,15 @@ async def metrics(state: StateDep) -> Response:
     return Response(
         generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST
     )
+
+
+demo = APIRouter(include_in_schema=False)
+
+
+@demo.get("/")
+async def demo_page() -> FileResponse:
+    """Return the demo page: upload an image, see its nearest neighbours."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
 # Application
@@ -613,13 +785,12 @@ def load_components(settings: Settings) -> tuple[Encoder, Collection]:
     Writes a fresh snapshot when the index had to replay changes or be rebuilt,
     so the next start-up is faster.
     """
-    encoder = Encoder(settings.bundle_dir)
-    collection = Collection(settings.data_dir, encoder.sha256, encoder.dim)
-    if collection.snapshot_seq != collection.applied_seq:
-        try:
-            collection.snapshot()
-        except OSError:
-            logger.exception("Writing the start-up index snapshot failed; continuing")
+    encoder = Encoder(
+        settings.bundle_dir,
+        providers=choose_providers(settings.providers),
+        intra_op_threads=settings.intra_op_threads,
+    )
+    collection = open_collection(settings, encoder)
     return encoder, collection
 
 
@@ -637,16 +808,23 @@ async def _load(state: ServiceState) -> None:
         encoder,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000,
+        max_queue_size=settings.max_queue_size,
+        metrics=state.metrics,
     )
     batcher.start()
     limits = Limits(
         max_k=settings.max_k,
         max_id_length=settings.max_id_length,
         max_metadata_bytes=settings.max_metadata_bytes,
+        max_metadata_depth=settings.max_metadata_depth,
         max_items_per_request=settings.max_images_per_request,
         dim=encoder.dim,
     )
     state.metrics.track_index_size(lambda: float(len(collection)))
+    state.metrics.track_queue_depth(lambda: float(batcher.queue_depth))
+    state.metrics.set_model(
+        encoder.sha256, encoder.metadata.architecture, encoder.provider
+    )
     state.runtime = Runtime(
         settings=settings,
         limits=limits,
@@ -704,9 +882,14 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.service = ServiceState(settings, Metrics())
+    metrics = Metrics()
+    app.state.service = ServiceState(settings, metrics)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(probes)
+    app.include_router(demo)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Added last, so it is outermost: it also sees BodySizeLimit's 413s.
+    app.add_middleware(RequestObserver, metrics=metrics)
     return app

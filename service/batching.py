@@ -1,9 +1,11 @@
 """Dynamic batching: concurrent embedding requests share one ONNX Runtime call.
 
-Requests put their preprocessed images on an asyncio queue. One worker task takes
-the first waiting request, waits up to ``max_wait_s`` for more to arrive while
-the batch has room, runs the encoder once in a worker thread, and hands each
-request its rows of the output.
+Requests put their preprocessed images on a bounded asyncio queue. One worker
+task takes the first waiting request, waits up to ``max_wait_s`` for more to
+arrive while the batch has room, runs the encoder once in a worker thread, and
+hands each request its rows of the output. When the queue is full, ``embed``
+raises :class:`QueueFull` at once, so overload gives fast rejections (HTTP 429)
+and never an unbounded backlog.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import anyio.to_thread
 import numpy as np
 
 from service.encoder import Encoder
+from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,16 @@ class BatcherClosed(RuntimeError):
     """The batcher was stopped, so it takes no more requests."""
 
 
+class QueueFull(RuntimeError):
+    """The batcher's queue contains ``max_queue_size`` requests already."""
+
+    def __init__(self, max_queue_size: int) -> None:
+        super().__init__(
+            f"the embedding queue is full ({max_queue_size} requests waiting)"
+        )
+        self.max_queue_size = max_queue_size
+
+
 class EmbeddingBatcher:
     """Gathers concurrent ``embed`` calls into batches of at most ``max_batch_size``.
 
@@ -43,19 +56,31 @@ class EmbeddingBatcher:
         max_batch_size: maximum number of images in one encoder call, summed over
             requests.
         max_wait_s: how long the first request of a batch waits for others.
+        max_queue_size: maximum number of requests waiting; ``embed`` raises
+            :class:`QueueFull` beyond it.
+        metrics: where to record batch sizes and inference time, if given.
     """
 
     def __init__(
-        self, encoder: Encoder, max_batch_size: int = 64, max_wait_s: float = 0.002
+        self,
+        encoder: Encoder,
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.002,
+        max_queue_size: int = 256,
+        metrics: Metrics | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size is {max_batch_size}; use 1 or more")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s is {max_wait_s}; use 0 or more")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size is {max_queue_size}; use 1 or more")
         self.encoder = encoder
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self.max_queue_size = max_queue_size
+        self.metrics = metrics
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=max_queue_size)
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self.batches_run = 0
@@ -82,14 +107,29 @@ class EmbeddingBatcher:
             if not request.future.done():
                 request.future.set_exception(BatcherClosed("the service is stopping"))
 
+    @property
+    def queue_depth(self) -> int:
+        """Number of requests waiting for the worker."""
+        return self._queue.qsize()
+
     async def embed(self, images: np.ndarray) -> np.ndarray:
-        """Embed a preprocessed [N, 3, H, W] batch; return [N, D] float32."""
+        """Embed a preprocessed [N, 3, H, W] batch; return [N, D] float32.
+
+        Raises:
+            QueueFull: ``max_queue_size`` requests are waiting already.
+            BatcherClosed: the batcher is not running.
+        """
         if self._closed or self._worker is None:
             raise BatcherClosed("the embedding batcher is not running")
         if len(images) == 0:
             return np.empty((0, self.encoder.dim), dtype=np.float32)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(images=images, future=future))
+        try:
+            self._queue.put_nowait(_Request(images=images, future=future))
+        except asyncio.QueueFull:
+            if self.metrics is not None:
+                self.metrics.queue_rejections.inc()
+            raise QueueFull(self.max_queue_size) from None
         return await future
 
     async def _run(self) -> None:
@@ -124,6 +164,7 @@ class EmbeddingBatcher:
         if not live:
             return
         images = np.concatenate([r.images for r in live], axis=0)
+        started = time.perf_counter()
         try:
             embeddings = await anyio.to_thread.run_sync(self.encoder.embed, images)
         except Exception as exc:
@@ -133,6 +174,11 @@ class EmbeddingBatcher:
                     request.future.set_exception(exc)
             return
         self.batches_run += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(images))
+            self.metrics.stage_seconds.labels(stage="inference").observe(
+                time.perf_counter() - started
+            )
         start = 0
         for request in live:
             end = start + len(request.images)

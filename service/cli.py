@@ -17,25 +17,25 @@ def add_index_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Add ``index``: embed a folder of images into a data dir."""
     parser = subparsers.add_parser(
         "index",
-        help="embed a folder of images into a data dir for `dcl serve`",
+        help="Embed a folder of images into a data dir for `dcl serve`.",
         description="Embed every image under IMAGES_DIR (recursively) and add it "
         "to the item store and FAISS index in --data-dir. The item id is the "
         "file's relative path; re-running replaces items instead of duplicating.",
     )
     parser.add_argument(
-        "images_dir", type=Path, metavar="IMAGES_DIR", help="folder of images"
+        "images_dir", type=Path, metavar="IMAGES_DIR", help="Folder of images"
     )
     parser.add_argument(
-        "--bundle", type=Path, required=True, help="model bundle folder"
+        "--bundle", type=Path, required=True, help="Model bundle folder"
     )
     parser.add_argument(
         "--data-dir",
         type=Path,
         required=True,
-        help="folder for the item store and index snapshots (created if missing)",
+        help="Folder for the item store and index snapshots (created if missing)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="images per ONNX call (default 64)"
+        "--batch-size", type=int, default=64, help="Images per ONNX call (default 64)"
     )
     parser.set_defaults(func=_run_index)
     return parser
@@ -45,22 +45,19 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Add ``serve``: the HTTP API. Flags override the ``DCL_`` environment."""
     parser = subparsers.add_parser(
         "serve",
-        help="serve the embedding and search API",
+        help="Serve the embedding and search API.",
         description="Serve the HTTP API. Every setting can also come from a DCL_ "
         "environment variable (DCL_BUNDLE_DIR, DCL_DATA_DIR, DCL_MAX_K, ...); "
         "flags take precedence.",
     )
     parser.add_argument(
-        "--bundle", type=Path, help="model bundle folder (env DCL_BUNDLE_DIR)"
+        "--bundle", type=Path, help="Model bundle folder (env DCL_BUNDLE_DIR)"
     )
     parser.add_argument(
-        "--data-dir", type=Path, help="item store and index folder (env DCL_DATA_DIR)"
+        "--data-dir", type=Path, help="Item store and index folder (env DCL_DATA_DIR)"
     )
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--host", help="Address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
-    parser.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level"
-    )
     parser.set_defaults(func=_run_serve)
     return parser
 
@@ -103,7 +100,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir,
         "host": args.host,
         "port": args.port,
-        "log_level": args.log_level,
+        # The top-level `dcl --log-level` flag; None leaves DCL_LOG_LEVEL in force.
+        "log_level": getattr(args, "log_level", None),
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -12,16 +12,44 @@ from service.bundle import MODEL_FILENAME, BundleError, BundleMetadata, load_met
 
 logger = logging.getLogger(__name__)
 
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
+_PREFERENCES = {
+    "auto": [CUDA_PROVIDER, CPU_PROVIDER],
+    "cpu": [CPU_PROVIDER],
+    "cuda": [CUDA_PROVIDER, CPU_PROVIDER],
+    "tensorrt": [TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER],
+}
 
-def choose_providers() -> list[str]:
-    """Return CUDA then CPU where this onnxruntime build has CUDA, else CPU only."""
-    available = ort.get_available_providers()
-    if CUDA_PROVIDER in available:
-        return [CUDA_PROVIDER, CPU_PROVIDER]
-    return [CPU_PROVIDER]
+
+def choose_providers(preference: str = "auto") -> list[str]:
+    """Return the execution providers for ``preference`` that onnxruntime has.
+
+    ``auto`` and ``cuda`` give CUDA then CPU, ``tensorrt`` gives TensorRT, CUDA,
+    then CPU, and ``cpu`` gives the CPU only. Providers that this onnxruntime
+    build lacks are left out, so the CPU is always the last resort.
+
+    Raises:
+        ValueError: ``preference`` is not one of auto, cpu, cuda, tensorrt.
+    """
+    if preference not in _PREFERENCES:
+        raise ValueError(
+            f"providers is {preference!r}; use one of {', '.join(_PREFERENCES)}"
+        )
+    available = set(ort.get_available_providers())
+    preferred = _PREFERENCES[preference]
+    chosen = [p for p in preferred if p in available or p == CPU_PROVIDER]
+    if preference in ("cuda", "tensorrt") and chosen[0] != preferred[0]:
+        logger.warning(
+            "DCL_PROVIDERS=%s, but this onnxruntime build only has %s; running on "
+            "%s. Install the gpu extra (onnxruntime-gpu) to use the GPU",
+            preference,
+            ", ".join(sorted(available)),
+            chosen[0],
+        )
+    return chosen
 
 
 class Encoder:
@@ -34,13 +62,19 @@ class Encoder:
         bundle_dir: folder with ``model.onnx`` and ``bundle.json``.
         providers: execution providers in order of preference; by default CUDA
             where available, then CPU.
+        intra_op_threads: ONNX Runtime's intra-op thread count; 0 lets it choose.
 
     Raises:
         BundleError: the bundle is missing or corrupt, or the graph's input,
             output or embedding size differs from ``bundle.json``.
     """
 
-    def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None):
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 0,
+    ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.metadata: BundleMetadata = load_metadata(self.bundle_dir)
         self.sha256 = self.metadata.onnx_sha256
@@ -48,9 +82,12 @@ class Encoder:
         self.image_size = self.metadata.preprocessing.crop_size
 
         model_path = self.bundle_dir / MODEL_FILENAME
+        requested = providers or choose_providers()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
         try:
             self._session = ort.InferenceSession(
-                str(model_path), providers=providers or choose_providers()
+                str(model_path), sess_options=options, providers=requested
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors.
             raise BundleError(
@@ -58,6 +95,15 @@ class Encoder:
                 "bundle again"
             ) from exc
         self.provider: str = self._session.get_providers()[0]
+        if self.provider != requested[0]:
+            # ONNX Runtime drops a provider whose libraries (CUDA, cuDNN,
+            # TensorRT) fail to load, and only logs it at its own level.
+            logger.warning(
+                "ONNX Runtime could not start %s and fell back to %s; check the "
+                "CUDA and cuDNN libraries of the onnxruntime-gpu install",
+                requested[0],
+                self.provider,
+            )
         self._check_graph()
         logger.info(
             "Loaded %s (sha256 %s, dim %d) with ONNX Runtime provider %s",

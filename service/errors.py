@@ -19,16 +19,22 @@ logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """A rejected request, with the HTTP status code to return."""
+    """A rejected request, with the HTTP status code and headers to return."""
 
     def __init__(
-        self, status_code: int, code: str, message: str, field: str | None = None
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers
 
 
 def error_response(
@@ -65,7 +71,9 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
 async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
     if exc.status_code >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-    return error_response(exc.status_code, exc.code, exc.message, exc.field)
+    return error_response(
+        exc.status_code, exc.code, exc.message, exc.field, headers=exc.headers
+    )
 
 
 async def _request_validation_handler(

@@ -18,6 +18,10 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -32,6 +36,7 @@ class Limits:
     max_k: int = 1000
     max_id_length: int = 256
     max_metadata_bytes: int = 16 * 1024
+    max_metadata_depth: int = 8
     max_items_per_request: int = 64
     dim: int | None = None
 
@@ -75,7 +80,32 @@ def check_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[str, 
             f"{limits.max_metadata_bytes}; store large data elsewhere and keep a "
             "reference in metadata"
         )
+    depth = _json_depth(metadata)
+    if depth > limits.max_metadata_depth:
+        raise ValueError(
+            f"metadata is nested {depth} levels deep, more than the limit of "
+            f"{limits.max_metadata_depth}; flatten it"
+        )
     return metadata
+
+
+def _json_depth(value: object) -> int:
+    """Return the nesting depth of a JSON value; a flat object has depth 1."""
+    depth = 0
+    level: list[object] = [value]
+    while level:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [
+            child
+            for container in containers
+            for child in (
+                container.values() if isinstance(container, dict) else container
+            )
+        ]
+    return depth
 
 
 def normalise_vector(vector: list[float], info: ValidationInfo) -> list[float]:
@@ -111,12 +141,79 @@ class ModelRef(BaseModel):
 class EmbedResponse(BaseModel):
     """Embeddings of the uploaded images, in upload order."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "embeddings": [[0.6, 0.8]],
+                    "dim": 2,
+                    "model": {"sha256": "9f2c" * 16, "architecture": "resnet18"},
+                }
+            ]
+        }
+    )
+
     embeddings: list[list[float]]
     dim: int
     model: ModelRef
 
 
-class SearchRequest(BaseModel):
+MAX_EF_SEARCH = 4096
+MAX_NPROBE = 65_536
+MAX_FILTER_KEYS = 16
+FilterScalar = StrictStr | StrictBool | StrictInt | StrictFloat | None
+
+
+class SearchOptions(BaseModel):
+    """Per-request search parameters and metadata filter."""
+
+    ef_search: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_EF_SEARCH,
+        description="HNSW candidate list size for this search; larger finds more "
+        "true neighbours, slower. Ignored by other index kinds.",
+    )
+    nprobe: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_NPROBE,
+        description="IVF lists visited for this search; larger finds more true "
+        "neighbours, slower. Ignored by other index kinds.",
+    )
+    filter: dict[str, FilterScalar] | None = Field(
+        default=None,
+        description="Keep only items whose metadata has each of these top-level "
+        'keys with this exact value, e.g. {"label": "cat"}. With the exact index '
+        "k results come back whenever k items match; HNSW and IVF-PQ may return "
+        "fewer for a selective filter.",
+    )
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _parse_filter(cls, value: object) -> object:
+        if isinstance(value, str | bytes):
+            try:
+                value = from_json(value)
+            except ValueError as exc:
+                raise ValueError(
+                    f"filter is not valid JSON ({exc}); send a JSON object such as "
+                    '{"label": "cat"}'
+                ) from exc
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError(
+                    "filter is empty; leave it out or give at least one key"
+                )
+            if len(value) > MAX_FILTER_KEYS:
+                raise ValueError(
+                    f"filter has {len(value)} keys, more than the limit of "
+                    f"{MAX_FILTER_KEYS}; filter on fewer keys"
+                )
+        return value
+
+
+class SearchRequest(SearchOptions):
     """Search by a query vector or by the vector of a stored item.
 
     Send exactly one of ``vector`` and ``id``. A search by id leaves that item
@@ -158,8 +255,10 @@ class SearchRequest(BaseModel):
         return self
 
 
-class ImageSearchForm(BaseModel):
-    """Form fields of a multipart search by image."""
+class ImageSearchForm(SearchOptions):
+    """Form fields of a multipart search by image; ``filter`` is a JSON string."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"k": 5}]})
 
     k: int = _K_FIELD
 
@@ -176,6 +275,18 @@ class SearchHit(BaseModel):
 
 class SearchResponse(BaseModel):
     """Results sorted by score, best first; at most k."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "results": [
+                        {"id": "cat-1", "score": 0.93, "metadata": {"label": "cat"}}
+                    ]
+                }
+            ]
+        }
+    )
 
     results: list[SearchHit]
 
@@ -231,6 +342,10 @@ class ItemsRequest(BaseModel):
 class ItemForm(BaseModel):
     """Form fields of a multipart add-or-replace by image."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"id": "cat-1", "metadata": {"label": "cat"}}]}
+    )
+
     id: str = _ID_FIELD
     metadata: dict[str, JsonValue] = Field(
         default_factory=dict, description="A JSON object, as a string."
@@ -262,6 +377,19 @@ class ItemForm(BaseModel):
 class ItemOut(BaseModel):
     """A stored item."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "cat-1",
+                    "metadata": {"label": "cat"},
+                    "has_thumbnail": True,
+                    "updated_at": "2025-01-31T12:00:00Z",
+                }
+            ]
+        }
+    )
+
     id: str
     metadata: dict[str, Any]
     has_thumbnail: bool
@@ -271,11 +399,43 @@ class ItemOut(BaseModel):
 class ItemWritten(ItemOut):
     """A stored item after a write; ``created`` is False for a replacement."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "cat-1",
+                    "metadata": {"label": "cat"},
+                    "has_thumbnail": True,
+                    "updated_at": "2025-01-31T12:00:00Z",
+                    "created": True,
+                }
+            ]
+        }
+    )
+
     created: bool
 
 
 class ItemsWritten(BaseModel):
     """The items of a batch write, in request order."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "id": "a",
+                            "metadata": {"x": 1},
+                            "has_thumbnail": False,
+                            "updated_at": "2025-01-31T12:00:00Z",
+                            "created": True,
+                        }
+                    ]
+                }
+            ]
+        }
+    )
 
     items: list[ItemWritten]
 
@@ -283,12 +443,30 @@ class ItemsWritten(BaseModel):
 class DeletedItem(BaseModel):
     """The id of a deleted item."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"id": "cat-1", "deleted": True}]}
+    )
+
     id: str
     deleted: bool = True
 
 
 class IndexInfo(BaseModel):
     """The FAISS index's state."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "size": 10000,
+                    "kind": "exact",
+                    "dim": 512,
+                    "applied_seq": 10250,
+                    "snapshot_seq": 10000,
+                }
+            ]
+        }
+    )
 
     size: int = Field(description="Number of vectors in the index.")
     kind: str
@@ -301,6 +479,17 @@ class IndexInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     """The bundle's metadata and the ONNX Runtime provider in use."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "bundle": {"architecture": "resnet18", "embedding_dim": 512},
+                    "provider": "CPUExecutionProvider",
+                }
+            ]
+        }
+    )
 
     bundle: dict[str, Any]
     provider: str
@@ -317,11 +506,29 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     """Body of every 4xx and 5xx response."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "invalid_request",
+                        "message": "k: k is 5000, more than the limit of 1000; lower k",
+                        "field": "k",
+                    }
+                }
+            ]
+        }
+    )
+
     error: ErrorDetail
 
 
 class Status(BaseModel):
     """Body of the health and readiness checks."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"status": "ready", "detail": None}]}
+    )
 
     status: str
     detail: str | None = None

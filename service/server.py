@@ -7,33 +7,36 @@ import logging
 import uvicorn
 
 from service.api import create_app
+from service.observability import configure_logging as _configure_logging
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, json_format: bool = False) -> None:
     """Send log records of ``level`` and above to stderr, once per process."""
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    _configure_logging(level, json_format)
 
 
 def run(settings: Settings) -> None:
     """Configure logging and serve the API with uvicorn until interrupted."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_json)
     logger.info(
-        "Serving bundle %s with data dir %s on http://%s:%d",
+        "Serving bundle %s with data dir %s on http://%s:%d (API key %s, mode %s)",
         settings.bundle_dir,
         settings.data_dir,
         settings.host,
         settings.port,
+        "set" if settings.api_key is not None else "not set",
+        settings.auth_mode,
     )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        # The root handler set above formats uvicorn's records too.
+        # The root handler set above formats uvicorn's records too, and the
+        # app logs one line per request itself.
         log_config=None,
+        access_log=False,
     )

@@ -29,7 +29,14 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(
         default=None,
-        description="When set, write requests need it in the X-API-Key header.",
+        description="When set, guarded requests need it as `Authorization: Bearer "
+        "<key>` or in the X-API-Key header.",
+    )
+    auth_mode: Literal["writes", "all"] = Field(
+        default="writes",
+        description="Which requests need the API key: `writes` (POST /v1/items and "
+        "DELETE) or `all` (every /v1 route and the demo page). /healthz, /readyz "
+        "and /metrics stay open.",
     )
     max_image_bytes: int = Field(default=10 * MIB, gt=0, description="Per file.")
     max_image_pixels: int = Field(
@@ -62,4 +69,82 @@ class Settings(BaseSettings):
         description="How long the first queued request waits for others to join "
         "its batch, milliseconds.",
     )
+    max_queue_size: int = Field(
+        default=256,
+        gt=0,
+        description="Maximum number of embedding requests waiting for the batcher; "
+        "more get 429 with Retry-After.",
+    )
+    providers: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        default="auto",
+        description="ONNX Runtime execution provider: `auto` uses CUDA where the "
+        "installed onnxruntime has it, `tensorrt` tries TensorRT, then CUDA, then "
+        "the CPU.",
+    )
+    intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose.",
+    )
+    max_metadata_depth: int = Field(
+        default=8, gt=0, description="Nesting depth of a metadata object."
+    )
+    index_kind: Literal["exact", "hnsw", "ivfpq", "auto"] = Field(
+        default="exact",
+        description="FAISS index: `exact` (flat inner product), `hnsw`, `ivfpq` "
+        "(exact until 312 vectors exist to train it), or `auto`: exact below "
+        "100,000 items, HNSW below 2,000,000, IVF-PQ from there on.",
+    )
+    hnsw_m: int = Field(default=32, gt=0, description="HNSW graph degree (M).")
+    hnsw_ef_construction: int = Field(
+        default=200, gt=0, description="HNSW candidate list size while adding."
+    )
+    hnsw_ef_search: int = Field(
+        default=64,
+        gt=0,
+        description="Default HNSW candidate list size per search; a search "
+        "request's `ef_search` overrides it.",
+    )
+    ivf_nprobe: int = Field(
+        default=16,
+        gt=0,
+        description="Default number of IVF lists visited per search; a search "
+        "request's `nprobe` overrides it.",
+    )
+    max_tombstone_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="Rebuild an HNSW or IVF-PQ index in the background once this "
+        "share of its vectors are deleted or replaced ones.",
+    )
+    snapshot_every_changes: int = Field(
+        default=1000,
+        ge=0,
+        description="Write an index snapshot once this many changes are not in "
+        "the latest one; 0 turns this trigger off.",
+    )
+    snapshot_every_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Write an index snapshot this many seconds after the latest "
+        "one if any change is not in it.",
+    )
+    snapshots_kept: int = Field(
+        default=2, gt=0, description="Number of index snapshots kept on disk."
+    )
+    reembed_on_model_change: bool = Field(
+        default=False,
+        description="When the bundle differs from the one the data dir was built "
+        "with, re-embed every item from its stored image at start-up instead of "
+        "refusing to start. Items added by vector cannot be re-embedded.",
+    )
+    store_source_images: bool = Field(
+        default=True,
+        description="Keep the uploaded image bytes of items added by image, so a "
+        "new model can re-embed them.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = Field(
+        default=False, description="Write log records as one JSON object per line."
+    )

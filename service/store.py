@@ -5,6 +5,10 @@ with ``synchronous=FULL`` in WAL mode survives a process or power failure. Each
 upsert and deletion appends a row to the ``changes`` table with a new sequence
 number, so that a FAISS snapshot taken at sequence S is brought up to date by
 replaying the changes after S.
+
+Items added from an image keep their source (the uploaded bytes, or the path,
+size and modification time of a file indexed by ``dcl index``), so that a new
+model can re-embed them; see ``ItemStore.switch_model``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 STORE_FILENAME = "items.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -40,7 +44,11 @@ CREATE TABLE IF NOT EXISTS items (
     metadata TEXT NOT NULL,
     thumbnail BLOB,
     seq INTEGER NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    source BLOB,
+    source_path TEXT,
+    source_size INTEGER,
+    source_mtime_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -48,7 +56,28 @@ CREATE TABLE IF NOT EXISTS changes (
     id TEXT NOT NULL,
     key INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reembedded (
+    key INTEGER PRIMARY KEY,
+    bundle_sha256 TEXT NOT NULL,
+    vector BLOB NOT NULL
+);
 """
+
+# Version 1 stores lack the source columns and the re-embedding table.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE items ADD COLUMN source BLOB;
+ALTER TABLE items ADD COLUMN source_path TEXT;
+ALTER TABLE items ADD COLUMN source_size INTEGER;
+ALTER TABLE items ADD COLUMN source_mtime_ns INTEGER;
+CREATE TABLE IF NOT EXISTS reembedded (
+    key INTEGER PRIMARY KEY,
+    bundle_sha256 TEXT NOT NULL,
+    vector BLOB NOT NULL
+);
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
+"""
+
+FilterValue = str | int | float | bool | None
 
 
 class StoreError(RuntimeError):
@@ -56,13 +85,39 @@ class StoreError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class FileSource:
+    """An image file on disk that an item was embedded from."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
 class NewItem:
-    """An item to add or replace."""
+    """An item to add or replace.
+
+    ``source`` holds the encoded image it was embedded from and ``source_file``
+    the file it was read from; either lets a new model re-embed the item. An
+    item added by vector has neither.
+    """
 
     id: str
     vector: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
     thumbnail: bytes | None = None
+    source: bytes | None = None
+    source_file: FileSource | None = None
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """An item's key and the image source a new model re-embeds it from."""
+
+    key: int
+    id: str
+    source: bytes | None
+    source_path: str | None
 
 
 @dataclass(frozen=True)
@@ -110,12 +165,21 @@ class ItemStore:
         data_dir: folder for ``items.sqlite3``; created if missing.
         bundle_sha256: sha256 of the model that makes the vectors.
         dim: embedding size.
+        check_model: with False, open a store made with another model, to
+            re-embed its items; ``bundle_sha256`` and ``dim`` then become the
+            stored ones.
 
     Raises:
         StoreError: the store was made with another model or embedding size.
     """
 
-    def __init__(self, data_dir: str | Path, bundle_sha256: str, dim: int) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        bundle_sha256: str,
+        dim: int,
+        check_model: bool = True,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.data_dir / STORE_FILENAME
@@ -128,6 +192,7 @@ class ItemStore:
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._check_model = check_model
         try:
             self._init_schema()
         except BaseException:
@@ -168,18 +233,26 @@ class ItemStore:
                 return
             conn.execute("ROLLBACK")
 
+        if meta.get("schema_version") == "1":
+            with self._write_lock, self._transaction() as conn:
+                conn.executescript("BEGIN IMMEDIATE;" + _MIGRATE_1_TO_2 + "COMMIT;")
+            meta["schema_version"] = "2"
+            logger.info("Migrated item store %s to schema version 2", self.path)
         if meta.get("schema_version") != str(SCHEMA_VERSION):
             raise StoreError(
                 f"{self.path} has schema version {meta.get('schema_version')}, but "
                 f"this release reads version {SCHEMA_VERSION}; use a new data dir"
             )
+        if not self._check_model:
+            self.bundle_sha256 = meta["bundle_sha256"]
+            self.dim = int(meta["dim"])
         if meta.get("bundle_sha256") != self.bundle_sha256:
             raise StoreError(
                 f"{self.path} contains vectors from the model with sha256 "
                 f"{meta.get('bundle_sha256')}, but the loaded bundle's sha256 is "
                 f"{self.bundle_sha256}; vectors from different models cannot be "
-                "compared, so use a new data dir or re-embed the items with "
-                "`dcl index` into a new data dir"
+                "compared; start the server with DCL_REEMBED_ON_MODEL_CHANGE=true "
+                "to re-embed the items, or use a new data dir"
             )
         if meta.get("dim") != str(self.dim):
             raise StoreError(
@@ -265,13 +338,30 @@ class ItemStore:
                     "INSERT INTO changes (op, id, key) VALUES ('upsert', ?, ?)",
                     (item.id, key),
                 ).lastrowid
+                file = item.source_file
                 conn.execute(
                     "INSERT INTO items (id, key, vector, metadata, thumbnail, seq, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "updated_at, source, source_path, source_size, source_mtime_ns) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET vector = excluded.vector, "
                     "metadata = excluded.metadata, thumbnail = excluded.thumbnail, "
-                    "seq = excluded.seq, updated_at = excluded.updated_at",
-                    (item.id, key, blob, metadata_text, item.thumbnail, seq, now),
+                    "seq = excluded.seq, updated_at = excluded.updated_at, "
+                    "source = excluded.source, source_path = excluded.source_path, "
+                    "source_size = excluded.source_size, "
+                    "source_mtime_ns = excluded.source_mtime_ns",
+                    (
+                        item.id,
+                        key,
+                        blob,
+                        metadata_text,
+                        item.thumbnail,
+                        seq,
+                        now,
+                        item.source,
+                        None if file is None else file.path,
+                        None if file is None else file.size,
+                        None if file is None else file.mtime_ns,
+                    ),
                 )
                 record = ItemRecord(
                     id=item.id,
@@ -364,6 +454,50 @@ class ItemStore:
                     records[record.key] = record
         return records
 
+    def file_sources(self, item_ids: Sequence[str]) -> dict[str, FileSource]:
+        """Return the recorded source files of these items, where they have one."""
+        sources: dict[str, FileSource] = {}
+        with self._reader() as conn:
+            for start in range(0, len(item_ids), 900):
+                chunk = list(item_ids[start : start + 900])
+                placeholders = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    "SELECT id, source_path, source_size, source_mtime_ns FROM items "
+                    f"WHERE id IN ({placeholders}) AND source_path IS NOT NULL",
+                    chunk,
+                ).fetchall()
+                for item_id, path, size, mtime_ns in rows:
+                    sources[item_id] = FileSource(path, int(size), int(mtime_ns))
+        return sources
+
+    def keys_matching(self, metadata_filter: dict[str, FilterValue]) -> np.ndarray:
+        """Return the keys of items whose metadata has every key-value pair given.
+
+        Values compare by JSON type and value: ``1`` matches ``1`` and ``1.0``
+        but not ``true`` or ``"1"``. Only top-level keys and scalar values are
+        supported. Scans every item's metadata, so it costs O(items).
+        """
+        if not metadata_filter:
+            raise ValueError("the filter is empty; pass at least one key-value pair")
+        clauses, params = [], []
+        for name, value in metadata_filter.items():
+            json_types, atom = _json_atom(name, value)
+            type_marks = ",".join("?" * len(json_types))
+            clause = (
+                "EXISTS (SELECT 1 FROM json_each(items.metadata) AS m "
+                f"WHERE m.key = ? AND m.type IN ({type_marks})"
+            )
+            params += [name, *json_types]
+            if atom is not None:
+                clause += " AND m.atom = ?"
+                params.append(atom)
+            clauses.append(clause + ")")
+        with self._reader() as conn:
+            rows = conn.execute(
+                f"SELECT key FROM items WHERE {' AND '.join(clauses)}", params
+            ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
     def count(self) -> int:
         """Return the number of items."""
         with self._reader() as conn:
@@ -408,6 +542,101 @@ class ItemStore:
             conn.execute("COMMIT")
         return last_seq, keys, vectors
 
+    # Re-embedding with a new model
+
+    def count_without_source(self, limit: int = 10) -> tuple[int, list[str]]:
+        """Return how many items have no image source, and up to ``limit`` ids."""
+        where = "source IS NULL AND source_path IS NULL"
+        with self._reader() as conn:
+            count = conn.execute(f"SELECT COUNT(*) FROM items WHERE {where}")
+            total = int(count.fetchone()[0])
+            rows = conn.execute(
+                f"SELECT id FROM items WHERE {where} ORDER BY key LIMIT ?", (limit,)
+            ).fetchall()
+        return total, [r[0] for r in rows]
+
+    def sources_to_reembed(
+        self, bundle_sha256: str, after_key: int, limit: int
+    ) -> list[SourceRow]:
+        """Return up to ``limit`` items after ``after_key`` not yet re-embedded.
+
+        Items already re-embedded for ``bundle_sha256`` by an earlier, interrupted
+        run are skipped.
+        """
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT i.key, i.id, i.source, i.source_path FROM items AS i "
+                "LEFT JOIN reembedded AS r "
+                "ON r.key = i.key AND r.bundle_sha256 = ? "
+                "WHERE i.key > ? AND r.key IS NULL ORDER BY i.key LIMIT ?",
+                (bundle_sha256, after_key, limit),
+            ).fetchall()
+        return [SourceRow(int(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def put_reembedded(
+        self, bundle_sha256: str, keys: Sequence[int], vectors: np.ndarray
+    ) -> None:
+        """Store the new model's vectors of these keys beside the current ones."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(keys):
+            raise ValueError(
+                f"{len(keys)} keys for vectors of shape {list(vectors.shape)}; "
+                "pass one vector per key"
+            )
+        if not np.all(np.isfinite(vectors)):
+            raise ValueError("re-embedded vectors contain NaN or inf values")
+        rows = [
+            (int(key), bundle_sha256, vector.tobytes())
+            for key, vector in zip(keys, vectors, strict=True)
+        ]
+        with self._write_lock, self._transaction() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT OR REPLACE INTO reembedded (key, bundle_sha256, vector) "
+                "VALUES (?, ?, ?)",
+                rows,
+            )
+            conn.execute("COMMIT")
+
+    def switch_model(self, bundle_sha256: str, dim: int) -> None:
+        """Replace every vector by its re-embedded one and record the new model.
+
+        Runs in one transaction, so a crash leaves either the old model's
+        vectors or the new model's, never a mix. Every change gets a new row in
+        the change log.
+
+        Raises:
+            StoreError: some items have not been re-embedded for this model.
+        """
+        with self._write_lock, self._transaction() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            missing = conn.execute(
+                "SELECT COUNT(*) FROM items AS i LEFT JOIN reembedded AS r "
+                "ON r.key = i.key AND r.bundle_sha256 = ? WHERE r.key IS NULL",
+                (bundle_sha256,),
+            ).fetchone()[0]
+            if missing:
+                raise StoreError(
+                    f"{missing} items have no vector from the model with sha256 "
+                    f"{bundle_sha256}; re-embed them before switching"
+                )
+            conn.execute(
+                "UPDATE items SET vector = (SELECT r.vector FROM reembedded AS r "
+                "WHERE r.key = items.key)"
+            )
+            conn.execute(
+                "INSERT INTO changes (op, id, key) "
+                "SELECT 'upsert', id, key FROM items ORDER BY key"
+            )
+            conn.execute("DELETE FROM reembedded")
+            conn.executemany(
+                "UPDATE meta SET value = ? WHERE key = ?",
+                [(bundle_sha256, "bundle_sha256"), (str(dim), "dim")],
+            )
+            conn.execute("COMMIT")
+        self.bundle_sha256 = bundle_sha256
+        self.dim = dim
+
     def _vectors_where(
         self, conn: sqlite3.Connection, where: str, params: tuple[Any, ...]
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -433,6 +662,41 @@ def _record(row: tuple[Any, ...]) -> ItemRecord:
         seq=int(row[4]),
         updated_at=row[5],
     )
+
+
+def _json_atom(name: str, value: FilterValue) -> tuple[list[str], Any]:
+    """Return the json_each types and atom that match ``value``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"filter key {name!r} is invalid; use a non-empty string")
+    if value is None:
+        return ["null"], None
+    if isinstance(value, bool):
+        return ["true" if value else "false"], None
+    if isinstance(value, int | float):
+        return ["integer", "real"], value
+    if isinstance(value, str):
+        return ["text"], value
+    raise ValueError(
+        f"filter value for {name!r} is a {type(value).__name__}; use a string, "
+        "number, boolean or null"
+    )
+
+
+def read_store_model(data_dir: str | Path) -> tuple[str, int] | None:
+    """Return the (bundle sha256, dim) a store was made with, or None if absent."""
+    path = Path(data_dir) / STORE_FILENAME
+    if not path.is_file():
+        return None
+    conn = sqlite3.connect(path, timeout=30.0)
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+    if "bundle_sha256" not in meta:
+        return None
+    return meta["bundle_sha256"], int(meta["dim"])
 
 
 def _meta_value(conn: sqlite3.Connection, key: str) -> str:

@@ -200,7 +200,7 @@ def test_embed_errors(client, request_kwargs, status, field, text):
         ({"k": 3}, None, "exactly one of"),
         ({"id": "a", "vector": [1.0] * DIM}, None, "exactly one of"),
         ({"id": "x" * 300}, "id", "limit of 256"),
-        ({"vector": [1.0] * DIM, "nprobe": 3}, "nprobe", "not permitted"),
+        ({"vector": [1.0] * DIM, "nlist": 3}, "nlist", "not permitted"),
     ],
 )
 def test_search_json_errors(client, body, field, text):

@@ -154,6 +154,7 @@ def test_garbage_snapshot_json_rebuilt(tmp_path: Path):
     c.snapshot()
     c.close()
     (tmp_path / "index.json").write_text("{broken")
+    (tmp_path / "index-000000000002.json").write_text("{broken")
     reopened = Collection(tmp_path, SHA, DIM)
     try:
         assert len(reopened) == 2
@@ -166,7 +167,7 @@ def test_snapshot_newer_than_store_rebuilt(tmp_path: Path):
     c.upsert(items(["a", "b"]))
     c.snapshot()
     c.close()
-    info_path = tmp_path / "index.json"
+    info_path = tmp_path / "index-000000000002.json"
     info = json.loads(info_path.read_text())
     info["seq"] = 99
     info_path.write_text(json.dumps(info))
@@ -196,7 +197,7 @@ def test_sync_picks_up_other_writer(tmp_path: Path):
 
 def test_store_rejects_other_bundle(tmp_path: Path):
     ItemStore(tmp_path, SHA, DIM).close()
-    with pytest.raises(StoreError, match="new data dir or re-embed"):
+    with pytest.raises(StoreError, match="DCL_REEMBED_ON_MODEL_CHANGE"):
         ItemStore(tmp_path, "b" * 64, DIM)
     with pytest.raises(StoreError, match="new data dir"):
         ItemStore(tmp_path, SHA, DIM + 1)
@@ -247,5 +248,5 @@ def test_index_rejects_bad_input():
         index.add(np.arange(2), np.zeros((2, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="k is 0"):
         index.search(unit_vectors(1), 0)
-    with pytest.raises(ValueError, match="not supported"):
-        make_index("hnsw", DIM)
+    with pytest.raises(ValueError, match="cannot start empty"):
+        make_index("ivfpq", DIM)

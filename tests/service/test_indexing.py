@@ -45,15 +45,22 @@ def test_index_folder_twice_no_duplicates(
 
     second = index_folder(bundle_dir, data_dir, image_folder, batch_size=4)
     assert second.added == 0
-    assert second.updated == 7
+    assert second.updated == 0
+    assert second.unchanged == 7
     assert second.skipped == 1
     assert second.total_items == 7
+
+    # A rewritten file has a new size or modification time and is embedded again.
+    (image_folder / "red/1.png").write_bytes(encode(random_image(1, size=(44, 32))))
+    third = index_folder(bundle_dir, data_dir, image_folder, batch_size=4)
+    assert third.updated == 1
+    assert third.unchanged == 6
 
     encoder = Encoder(bundle_dir)
     collection = Collection(data_dir, encoder.sha256, encoder.dim)
     try:
         assert len(collection) == 7
-        assert collection.snapshot_seq == collection.applied_seq == 14
+        assert collection.snapshot_seq == collection.applied_seq == 8
         record = collection.store.get("red/1.png")
         assert record.metadata == {"path": "red/1.png", "label": "red"}
         assert record.has_thumbnail
@@ -93,3 +100,54 @@ def test_index_cifar_subset_finds_itself(bundle_dir: Path, tmp_path: Path):
             assert np.isclose(hits[0].score, 1.0, atol=1e-5)
     finally:
         collection.close()
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, batches: int) -> None:
+    """Make the run stop with KeyboardInterrupt (Ctrl-C) after some batches."""
+    original = Collection.upsert
+    calls = {"n": 0}
+
+    def upsert_then_interrupt(self, items):
+        if calls["n"] == batches:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, items)
+
+    monkeypatch.setattr(Collection, "upsert", upsert_then_interrupt)
+
+
+def test_index_folder_resumes_after_interrupt(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    images = tmp_path / "many"
+    images.mkdir()
+    for i in range(25):
+        (images / f"{i:03d}.png").write_bytes(encode(random_image(200 + i)))
+    data_dir = tmp_path / "data"
+
+    _interrupt_after(monkeypatch, batches=2)
+    with pytest.raises(KeyboardInterrupt):
+        index_folder(bundle_dir, data_dir, images, batch_size=4)
+    monkeypatch.undo()
+
+    resumed = index_folder(bundle_dir, data_dir, images, batch_size=4)
+    assert resumed.unchanged == 8
+    assert resumed.added == 17
+    assert resumed.total_items == 25
+
+
+def test_index_cifar_resume(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    images = extract_cifar10_subset(tmp_path / "cifar", "test", per_class=4)
+    data_dir = tmp_path / "data"
+    _interrupt_after(monkeypatch, batches=1)
+    with pytest.raises(KeyboardInterrupt):
+        index_folder(bundle_dir, data_dir, images, batch_size=16)
+    monkeypatch.undo()
+
+    resumed = index_folder(bundle_dir, data_dir, images, batch_size=16)
+    assert resumed.unchanged == 16
+    assert resumed.added == 24
+    assert resumed.skipped == 0
+    assert resumed.total_items == 40
