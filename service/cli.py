@@ -37,6 +37,13 @@ def add_index_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument(
         "--batch-size", type=int, default=64, help="Images per ONNX call (default 64)"
     )
+    parser.add_argument(
+        "--index-kind",
+        choices=["exact", "hnsw", "ivfpq", "auto"],
+        default=None,
+        help="FAISS index kind of the snapshot (default: $DCL_INDEX_KIND, else "
+        "exact). Use the kind the server will run, or it rebuilds at start-up.",
+    )
     parser.set_defaults(func=_run_index)
     return parser
 
@@ -64,16 +71,26 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def _run_index(args: argparse.Namespace) -> int:
     from service.bundle import BundleError
-    from service.indexing import index_folder
+    from service.indexing import index_config, index_folder
     from service.server import configure_logging
+    from service.settings import Settings
     from service.store import StoreError
 
     configure_logging("INFO")
+    kind = {"index_kind": args.index_kind} if args.index_kind else {}
     try:
+        settings = Settings(bundle_dir=args.bundle, data_dir=args.data_dir, **kind)
         report = index_folder(
-            args.bundle, args.data_dir, args.images_dir, batch_size=args.batch_size
+            args.bundle,
+            args.data_dir,
+            args.images_dir,
+            batch_size=args.batch_size,
+            max_image_pixels=settings.max_image_pixels,
+            thumbnail_size=settings.thumbnail_size,
+            index_config=index_config(settings),
         )
     except (BundleError, StoreError, ValueError) as exc:
+        # pydantic's ValidationError is a ValueError too.
         logger.error("dcl index failed: %s", exc)
         return 2
     for path, reason in sorted(report.skipped_files.items()):
