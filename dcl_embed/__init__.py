@@ -1,0 +1,1 @@
+"""The ``dcl`` command line for training, export, indexing and serving."""

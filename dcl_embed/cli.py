@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     training_cli.add_train_parser(subparsers)
+    training_cli.add_eval_parser(subparsers)
     training_cli.add_export_parser(subparsers)
+    training_cli.add_plot_parser(subparsers)
     service_cli.add_index_parser(subparsers)
     service_cli.add_serve_parser(subparsers)
     demo.add_demo_parser(subparsers)
@@ -61,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as exc:
-        if exc.name in {"torch", "torchvision", "onnx", "sklearn"}:
+        if exc.name in {"torch", "torchvision", "onnx", "sklearn", "matplotlib"}:
             logger.error(
                 "`dcl %s` needs %s, which is not installed; install the training "
                 "extra with `pip install 'dcl-embed[train]'`",
