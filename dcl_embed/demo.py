@@ -178,8 +178,6 @@ def ensure_bundle(
             # trains four times faster than 32 px.
             image_size=16 if data == "digits" else 32,
             num_workers=0,
-            # Warm-up must be shorter than the run; a tenth of it, at most 10.
-            warmup_epochs=min(10, epochs // 10),
         )
         result = train(config)
         checkpoint = result.checkpoint

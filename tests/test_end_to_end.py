@@ -60,7 +60,6 @@ def bundle(cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--data", cifar_root,
         "--out", work / "run",
         "--epochs", "1",
-        "--warmup-epochs", "0",
         "--max-steps", "3",
         "--batch-size", "64",
         "--num-workers", "0",

@@ -1,4 +1,4 @@
-"""The ``dcl train`` and ``dcl export`` subcommands.
+"""The ``dcl train``, ``dcl eval``, ``dcl export`` and ``dcl plot`` subcommands.
 
 Importing this module does not import torch: the handlers import the training code
 when they run, so ``dcl --help`` and the serving commands stay fast.
@@ -114,10 +114,11 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         logger.error("dcl train: %s", exc)
         return 2
+    knn = f"{result.knn_top1:.4f}" if result.knn_top1 is not None else "skipped"
     logger.info(
-        "checkpoint %s: kNN top-1 %.4f after %d epochs",
+        "checkpoint %s: kNN top-1 %s after %d epochs",
         result.checkpoint,
-        result.knn_top1,
+        knn,
         result.epochs,
     )
     return 0
@@ -138,4 +139,133 @@ def run_export(args: argparse.Namespace) -> int:
         metadata.architecture,
         metadata.embedding_dim,
     )
+    return 0
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="Evaluate frozen features of a checkpoint or a bundle: kNN and a "
+        "linear probe.",
+        description="Extract features of a labelled data source once, then report "
+        "weighted kNN top-1 and linear-probe top-1 on its test split. A checkpoint "
+        "runs in torch; a bundle runs in ONNX Runtime with the service's "
+        "preprocessing. Without --knn and --linear, both run. The result is "
+        "written as JSON.",
+    )
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--checkpoint", type=Path, help="checkpoint.pt written by `dcl train`."
+    )
+    model.add_argument(
+        "--bundle", type=Path, help="Bundle folder (model.onnx + bundle.json)."
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="SOURCE",
+        help="Labelled data source (same layouts as `dcl train --data`); default: "
+        "the checkpoint's training data. Required with --bundle.",
+    )
+    parser.add_argument("--knn", action="store_true", help="Run the kNN evaluation.")
+    parser.add_argument(
+        "--linear", action="store_true", help="Run the linear probe (L-BFGS)."
+    )
+    parser.add_argument(
+        "--knn-k", type=int, default=200, help="Neighbours of the kNN vote (200)."
+    )
+    parser.add_argument(
+        "--knn-t", type=float, default=0.1, help="Temperature of the kNN vote (0.1)."
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="Images per forward pass (256)."
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="Data-loading processes (2)."
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="Device of a checkpoint's model (auto).",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the data and probe splits (0)."
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file to write (default: eval.json beside the checkpoint or in "
+        "the bundle folder).",
+    )
+    parser.set_defaults(func=run_eval)
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Handle ``dcl eval``; return the exit status."""
+    from service.bundle import BundleError
+    from training.probe import evaluate_model
+
+    both = not (args.knn or args.linear)
+    try:
+        result, path = evaluate_model(
+            checkpoint=args.checkpoint,
+            bundle=args.bundle,
+            source=args.data,
+            knn=args.knn or both,
+            linear=args.linear or both,
+            knn_k=args.knn_k,
+            knn_t=args.knn_t,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            seed=args.seed,
+            out=args.out,
+        )
+    except (ValueError, BundleError) as exc:
+        logger.error("dcl eval: %s", exc)
+        return 2
+    for name in ("knn", "linear"):
+        if result[name] is not None:
+            logger.info("%s top-1: %.4f", name, result[name]["top1"])
+    logger.info("result written to %s", path)
+    return 0
+
+
+def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``plot`` subcommand."""
+    parser = subparsers.add_parser(
+        "plot",
+        help="Draw loss and kNN-accuracy curves of runs into a PNG.",
+        description="Read metrics.jsonl (and steps.jsonl where present) of each "
+        "run folder and draw the training loss and the kNN top-1 against the step.",
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument(
+        "--out", type=Path, default=Path("curves.png"), help="PNG to write."
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=None,
+        dest="labels",
+        help="Legend entry of a run, once per run in order (default: folder names).",
+    )
+    parser.set_defaults(func=run_plot)
+    return parser
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """Handle ``dcl plot``; return the exit status."""
+    from training.plot import plot_runs
+
+    try:
+        path = plot_runs(args.run_dirs, args.out, args.labels)
+    except ValueError as exc:
+        logger.error("dcl plot: %s", exc)
+        return 2
+    logger.info("curves written to %s", path)
     return 0

@@ -6,6 +6,7 @@ it without importing torch.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from datetime import datetime
@@ -42,8 +43,14 @@ class TrainConfig(BaseModel):
 
     data: str = Field(
         default="digits",
-        description='Data source: "digits" or a folder (image folder, CIFAR-10 '
-        "python batches, or CIFAR-10 shards).",
+        description='Data source: "digits" or a folder (image folder, unlabelled '
+        "images, CIFAR-10 or CIFAR-100 python batches, MNIST-style IDX files, or "
+        "tar shards).",
+    )
+    eval_data: str | None = Field(
+        default=None,
+        description="Labelled source for the kNN monitor's memory bank and test "
+        "set; default: the training source's own splits (none if unlabelled).",
     )
     arch: Literal["resnet18", "resnet34", "resnet50"] = Field(
         default="resnet18", description="Encoder architecture (torchvision name)."
@@ -83,17 +90,38 @@ class TrainConfig(BaseModel):
     lr: float = Field(
         default=0.3,
         gt=0,
-        description="Base learning rate for a batch of 256; the run uses "
-        "lr * batch_size / 256.",
+        description="Base learning rate for a global batch of 256; lr_scaling sets "
+        "how the run's rate follows the global batch (batch_size x processes).",
     )
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        default="linear",
+        description="LR rule for a global batch B: linear lr*B/256, sqrt "
+        "lr*sqrt(B/256), or none (lr as given).",
+    )
+    optimizer: Literal["sgd", "lars", "adamw"] = Field(
+        default="sgd",
+        description="Optimizer: SGD with momentum, LARS (SGD with layer-wise trust "
+        "ratios), or AdamW.",
+    )
+    momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="Momentum of SGD and LARS."
+    )
     weight_decay: float = Field(
-        default=5e-4, ge=0, description="SGD weight decay (L2 penalty)."
+        default=5e-4,
+        ge=0,
+        description="Weight decay; biases and normalisation parameters get none.",
+    )
+    lars_eta: float = Field(
+        default=0.001, gt=0, description="Trust coefficient of LARS; used by lars only."
+    )
+    grad_clip: float | None = Field(
+        default=None, gt=0, description="Clip the gradient's total L2 norm to this."
     )
     warmup_epochs: float = Field(
         default=10,
         ge=0,
-        description="Linear LR warm-up, in epochs (a fraction of the schedule).",
+        description="Linear LR warm-up, in epochs (a fraction of the schedule). "
+        "Unless set, runs of 10 epochs or fewer warm up for a tenth of the run.",
     )
     num_workers: int = Field(
         default=4, ge=0, description="Data-loading worker processes; 0 loads inline."
@@ -102,6 +130,15 @@ class TrainConfig(BaseModel):
     knn_k: int = Field(default=200, ge=1, description="Neighbours of the kNN monitor.")
     knn_t: float = Field(
         default=0.1, gt=0, description="Temperature of the kNN monitor's weights."
+    )
+    log_every_steps: int = Field(
+        default=50,
+        ge=1,
+        description="Write loss, LR and throughput to steps.jsonl and TensorBoard "
+        "every this many steps.",
+    )
+    tensorboard: bool = Field(
+        default=True, description="Write TensorBoard event files to the run folder."
     )
     out_dir: Path = Field(
         default_factory=_default_out_dir,
@@ -117,9 +154,62 @@ class TrainConfig(BaseModel):
         description="Hidden width of the projection head; default: the encoder's "
         "feature size (512 or 2048).",
     )
+    method: Literal["simclr", "nnclr"] = Field(
+        default="simclr",
+        description="Positives: the other view (simclr), or the other view's "
+        "nearest neighbour in a support set of past projections (nnclr).",
+    )
+    support_size: int = Field(
+        default=16384,
+        ge=1,
+        description="Projections in the NNCLR support set (a FIFO queue); used by "
+        "nnclr only. Keep it well below the number of training images.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description='Autocast precision; "auto": bf16 on CUDA where supported, '
+        "else fp16 on CUDA, fp32 on the CPU.",
+    )
+    channels_last: bool | None = Field(
+        default=None,
+        description="Channels-last memory format; default: on for CUDA, off on "
+        "the CPU.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Compile the model with torch.compile; the first steps then "
+        "take longer, which counts against max_minutes.",
+    )
+    sync_bn: bool = Field(
+        default=False,
+        description="Synchronise batch-norm statistics across processes (CUDA only).",
+    )
+    checkpoint_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="Also save checkpoint.pt every this many steps within an "
+        "epoch; by default it is saved at the end of each epoch.",
+    )
+    stop_at_step: int | None = Field(
+        default=None,
+        ge=1,
+        description="Save a checkpoint and stop after this step, keeping the LR "
+        "schedule of the full run; continue it with --resume.",
+    )
+    resume: str | None = Field(
+        default=None,
+        description="Run folder or checkpoint.pt to continue from; other flags "
+        "given with it replace the checkpoint's settings.",
+    )
 
     @model_validator(mode="after")
     def _check_warmup(self) -> TrainConfig:
+        if "warmup_epochs" not in self.model_fields_set and self.warmup_epochs >= (
+            self.epochs
+        ):
+            # The default suits long runs; shrink it rather than reject a short one.
+            # object.__setattr__ skips validate_assignment, which would recurse.
+            object.__setattr__(self, "warmup_epochs", self.epochs / 10)
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(
                 f"warmup_epochs ({self.warmup_epochs}) must be less than epochs "
@@ -136,8 +226,21 @@ class TrainConfig(BaseModel):
 
     @property
     def scaled_lr(self) -> float:
-        """The learning rate that the optimizer uses: lr * batch_size / 256."""
-        return self.lr * self.batch_size / 256
+        """The learning rate of a one-process run; see :meth:`lr_for_world`."""
+        return self.lr_for_world(1)
+
+    def lr_for_world(self, world_size: int) -> float:
+        """Return the run's peak learning rate for ``world_size`` processes.
+
+        The global batch is ``batch_size * world_size``; ``lr_scaling`` sets the
+        rule. This is the only place where the learning rate is scaled.
+        """
+        global_batch = self.batch_size * world_size
+        if self.lr_scaling == "linear":
+            return self.lr * global_batch / 256
+        if self.lr_scaling == "sqrt":
+            return self.lr * (global_batch / 256) ** 0.5
+        return self.lr
 
     def save(self, path: Path) -> Path:
         """Write the configuration as YAML (``.yaml``/``.yml``) or JSON."""
@@ -181,4 +284,23 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
         source = f" in {path}" if path is not None else ""
-        raise ValueError(f"invalid training configuration{source}:\n{exc}") from exc
+        raise ValueError(
+            f"invalid training configuration{source}:\n{describe_errors(exc)}"
+        ) from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Format validation errors one per line: the key, the problem, the value."""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, list(TrainConfig.model_fields), 1)
+            hint = f"did you mean {close[0]}?" if close else "see `dcl train --help`"
+            lines.append(f"  {key}: unknown key; {hint}")
+        elif not key:
+            # A check across fields: its message names the fields and the fix.
+            lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {key}: {error['msg']} (got {error['input']!r})")
+    return "\n".join(lines)

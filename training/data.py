@@ -1,40 +1,44 @@
-"""Data sets read from disk or bundled with scikit-learn; nothing is downloaded.
+"""Data sources read from disk or bundled with scikit-learn; nothing is downloaded.
 
 Accepted sources for :func:`build_datasets`:
 
 - ``"digits"``: scikit-learn's bundled handwritten digits (1,797 images of 8x8
   pixels), upscaled to 32x32 RGB and split 80/20 with a fixed seed.
-- An image folder with one sub-folder per class (torchvision ``ImageFolder``),
-  either with ``train/`` and ``test/`` sub-folders or as one folder that is split
-  deterministically.
 - CIFAR-10 in its python-batches layout (``data_batch_1`` .. ``data_batch_5`` and
   ``test_batch``, or their parent folder ``cifar-10-batches-py``).
-- CIFAR-10 as JPEG tar.gz shards (``train-0000s-of-00005.tar.gz``,
-  ``test-00000-of-00001.tar.gz`` and ``classes.txt``).
+- CIFAR-100 in its python layout (``train``, ``test`` and optionally ``meta``, or
+  their parent folder ``cifar-100-python``), with the 100 fine labels.
+- MNIST-style IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+  ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``),
+  as MNIST and Fashion-MNIST ship them.
+- Tar shards (``*.tar``, ``*.tar.gz``, ``*.tgz``) whose image members sit in class
+  folders (``[<split>/]<class>/<file>``). Shards named ``test*`` or ``val*`` are
+  the test split. An optional ``classes.txt`` fixes the label order.
+- An image folder with one sub-folder per class (torchvision ``ImageFolder``),
+  either with ``train/`` and ``test/`` (or ``val/``) sub-folders or as one folder.
+- A folder of images without class sub-folders: unlabelled, for training only.
+
+Sources without a test split are split deterministically. Files that Pillow cannot
+read are skipped with a warning and counted (:class:`SkipUnreadable`).
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import logging
-import pickle
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from service.bundle import Preprocessing
-from service.preprocess import to_rgb
 from training.augment import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -45,93 +49,78 @@ from training.augment import (
     eval_transform,
     simclr_transform,
 )
+from training.datasets import (
+    CIFAR10_CLASSES,
+    CIFAR10Batches,
+    CIFAR100Batches,
+    EncodedImageDataset,
+    IDXDataset,
+    ImageArrayDataset,
+    SkipUnreadable,
+    TarShards,
+    UnlabelledImageFolder,
+    cifar100_dir,
+    has_idx_files,
+    is_image_file,
+    is_test_shard,
+    list_shards,
+    load_rgb,
+    python_batches_dir,
+    shard_classes,
+)
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10Batches",
+    "CIFAR100Batches",
+    "DataSplits",
+    "IDXDataset",
+    "ImageArrayDataset",
+    "SkipUnreadable",
+    "TarShards",
+    "UnlabelledImageFolder",
+    "build_datasets",
+    "build_labelled_datasets",
+    "dataset_name",
+    "detect_source",
+    "load_digits_images",
+    "load_rgb",
+    "load_sample_images",
+]
 
 logger = logging.getLogger(__name__)
 
-ImageDataset = Union["ImageArrayDataset", Subset, ImageFolder]
-SourceKind = Literal["digits", "imagefolder", "cifar10-batches", "cifar10-shards"]
+ImageDataset = (
+    ImageArrayDataset
+    | EncodedImageDataset
+    | UnlabelledImageFolder
+    | SkipUnreadable
+    | Subset
+    | ImageFolder
+)
+SourceKind = Literal[
+    "digits",
+    "cifar10-batches",
+    "cifar100-batches",
+    "idx",
+    "tar-shards",
+    "imagefolder",
+    "unlabelled",
+]
 
 DIGITS_SIZE = 32
-CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+# Mean and std per channel of the CIFAR-100 training images, in [0, 1].
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+TEST_FOLDER_NAMES = ("test", "val")
 ACCEPTED_LAYOUTS = (
-    '"digits"; an image folder with one sub-folder per class (optionally inside '
-    "train/ and test/); a CIFAR-10 python-batches folder (data_batch_1..5, "
-    "test_batch); or a CIFAR-10 shard folder (train-*-of-*.tar.gz, "
-    "test-*-of-*.tar.gz, classes.txt)"
+    '"digits"; a CIFAR-10 python-batches folder (data_batch_1..5, test_batch); a '
+    "CIFAR-100 python folder (train, test); MNIST-style IDX files "
+    "(train-images-idx3-ubyte[.gz] and the labels file); tar shards (*.tar, "
+    "*.tar.gz) with class folders in their member names; an image folder with one "
+    "sub-folder per class (optionally inside train/ and test/); or a folder of "
+    "images (unlabelled)"
 )
-
-
-class ImageArrayDataset(Dataset):
-    """Images held in memory as uint8 [N, H, W, 3], returned as transformed PIL images.
-
-    Args:
-        images: uint8 array [N, H, W, 3], RGB.
-        labels: int array [N].
-        transform: Applied to each PIL image; ``None`` returns the PIL image.
-        classes: Class names; label ``i`` is ``classes[i]``.
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        transform: Callable[[Image.Image], Any] | None = None,
-        classes: tuple[str, ...] = (),
-    ) -> None:
-        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"images must be a uint8 array [N, H, W, 3], got {images.dtype} "
-                f"{images.shape}"
-            )
-        if len(images) != len(labels):
-            raise ValueError(
-                f"got {len(images)} images but {len(labels)} labels; pass one label "
-                "per image"
-            )
-        self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
-        self.classes = classes
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(self.images[index])
-        if self.transform is not None:
-            return self.transform(image), int(self.labels[index])
-        return image, int(self.labels[index])
-
-    def with_transform(
-        self, transform: Callable[[Image.Image], Any] | None
-    ) -> ImageArrayDataset:
-        """Return a view of the same arrays with another transform."""
-        other = copy.copy(self)
-        other.transform = transform
-        return other
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image file upright and in RGB, as the service decodes uploads.
-
-    EXIF orientation is applied and transparency is composited over white, the
-    same steps as ``service.preprocess.decode_image``, so that training and
-    serving see the same pixels.
-    """
-    with Image.open(path) as image:
-        upright = ImageOps.exif_transpose(image)
-        return to_rgb(upright)
 
 
 def load_digits_images(seed: int = 0, test_fraction: float = 0.2) -> dict[str, Any]:
@@ -167,148 +156,21 @@ def load_digits_images(seed: int = 0, test_fraction: float = 0.2) -> dict[str, A
     }
 
 
-def _python_batches_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "cifar-10-batches-py"):
-        if (candidate / "data_batch_1").is_file():
-            return candidate
-    return None
-
-
-class CIFAR10Batches(ImageArrayDataset):
-    """CIFAR-10 in the python-batches layout, read into memory.
-
-    Each batch file is a pickled dict with ``b"data"`` (uint8 [N, 3072], channel
-    planes of 32x32) and ``b"labels"``.
-
-    Args:
-        root: The folder with ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``,
-            or its parent.
-        split: ``"train"`` (the five data batches) or ``"test"``.
-        transform: Applied to each PIL image.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: Literal["train", "test"] = "train",
-        transform: Callable[[Image.Image], Any] | None = None,
-    ) -> None:
-        folder = _python_batches_dir(Path(root))
-        if folder is None:
-            raise ValueError(
-                f"{root} has no data_batch_1; pass the cifar-10-batches-py folder"
-            )
-        if split == "train":
-            files = sorted(folder.glob("data_batch_*"))
-        elif split == "test":
-            files = [folder / "test_batch"]
-        else:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-        images, labels = [], []
-        for file in files:
-            if not file.is_file():
-                raise ValueError(f"{file} not found; the CIFAR-10 folder is incomplete")
-            with file.open("rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            data = np.asarray(batch[b"data"], dtype=np.uint8)
-            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        super().__init__(
-            np.ascontiguousarray(np.concatenate(images)),
-            np.concatenate(labels),
-            transform,
-            CIFAR10_CLASSES,
-        )
-
-
-def read_cifar10_shards(
-    root: str | Path,
-    split: Literal["train", "test"],
-    max_shards: int | None = None,
-    max_images: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Decode the JPEGs of CIFAR-10 tar.gz shards into memory.
-
-    Each shard contains files named ``<split>/<class_name>/<NNNN>.jpg``. The label
-    is the line number of the class name in ``classes.txt``, counted from 0.
-
-    Args:
-        root: The shard folder.
-        split: ``"train"`` or ``"test"``.
-        max_shards: Read at most this many shards, in file-name order.
-        max_images: Stop after this many images.
-
-    Returns:
-        images uint8 [N, 32, 32, 3], labels int64 [N], and the class names.
-    """
-    root = Path(root)
-    classes_file = root / "classes.txt"
-    if not classes_file.is_file():
-        raise ValueError(f"{classes_file} not found; pass the CIFAR-10 shard folder")
-    classes = tuple(classes_file.read_text().split())
-    class_index = {name: i for i, name in enumerate(classes)}
-
-    shards = sorted(root.glob(f"{split}-*-of-*.tar.gz"))
-    if not shards:
-        raise ValueError(f"{root} has no {split}-*-of-*.tar.gz shards")
-    if max_shards is not None:
-        shards = shards[:max_shards]
-
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for shard in shards:
-        logger.info("reading %s", shard)
-        with tarfile.open(shard, "r:gz") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                class_name = member.name.split("/")[1]
-                data = archive.extractfile(member)
-                if data is None or class_name not in class_index:
-                    raise ValueError(
-                        f"{shard} has an unexpected member {member.name!r}; expected "
-                        "<split>/<class_name>/<NNNN>.jpg with a class in classes.txt"
-                    )
-                with Image.open(io.BytesIO(data.read())) as image:
-                    images.append(np.asarray(image.convert("RGB")))
-                labels.append(class_index[class_name])
-                if max_images is not None and len(images) >= max_images:
-                    break
-        if max_images is not None and len(images) >= max_images:
-            break
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
-
-
-class CIFAR10Shards(ImageArrayDataset):
-    """CIFAR-10 read from JPEG tar.gz shards into memory.
-
-    Args:
-        root: The shard folder (with ``classes.txt``).
-        split: ``"train"`` or ``"test"``.
-        transform: Applied to each PIL image.
-        max_shards: Read at most this many shards of the split (10,000 images each).
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: Literal["train", "test"] = "train",
-        transform: Callable[[Image.Image], Any] | None = None,
-        max_shards: int | None = None,
-    ) -> None:
-        images, labels, classes = read_cifar10_shards(root, split, max_shards)
-        super().__init__(images, labels, transform, classes)
-
-
 def _is_class_folder_root(path: Path) -> bool:
     """Return True if ``path`` has a sub-folder that contains an image file."""
     for child in path.iterdir():
         if child.is_dir() and any(
-            f.suffix.lower() in IMG_EXTENSIONS for f in child.iterdir() if f.is_file()
+            is_image_file(f.name) for f in child.iterdir() if f.is_file()
         ):
             return True
     return False
+
+
+def _test_folder(path: Path) -> Path | None:
+    for name in TEST_FOLDER_NAMES:
+        if (path / name).is_dir() and _is_class_folder_root(path / name):
+            return path / name
+    return None
 
 
 def detect_source(source: str | Path) -> SourceKind:
@@ -324,15 +186,21 @@ def detect_source(source: str | Path) -> SourceKind:
         raise ValueError(
             f"data source {str(source)!r} not found; pass {ACCEPTED_LAYOUTS}"
         )
-    if _python_batches_dir(path) is not None:
+    if python_batches_dir(path) is not None:
         return "cifar10-batches"
-    if (path / "classes.txt").is_file() and any(path.glob("train-*-of-*.tar.gz")):
-        return "cifar10-shards"
-    split_dirs = [path / "train", path / "test"]
-    if all(d.is_dir() and _is_class_folder_root(d) for d in split_dirs):
+    if cifar100_dir(path) is not None:
+        return "cifar100-batches"
+    if has_idx_files(path):
+        return "idx"
+    if list_shards(path):
+        return "tar-shards"
+    train_dir = path / "train"
+    if train_dir.is_dir() and _is_class_folder_root(train_dir) and _test_folder(path):
         return "imagefolder"
     if _is_class_folder_root(path):
         return "imagefolder"
+    if any(p.is_file() and is_image_file(p.name) for p in path.iterdir()):
+        return "unlabelled"
     raise ValueError(
         f"data source {str(path)!r} matches no accepted layout; pass {ACCEPTED_LAYOUTS}"
     )
@@ -345,9 +213,12 @@ def dataset_name(source: str | Path) -> str:
         return "sklearn-digits"
     if kind == "cifar10-batches":
         return "cifar10"
-    if kind == "cifar10-shards":
+    if kind == "cifar100-batches":
+        return "cifar100"
+    if kind == "tar-shards" and shard_classes(Path(source)) == CIFAR10_CLASSES:
         return "cifar10-jpeg"
-    return f"imagefolder:{Path(source).resolve().name}"
+    prefix = {"tar-shards": "shards", "unlabelled": "images"}.get(kind, kind)
+    return f"{prefix}:{Path(source).resolve().name}"
 
 
 @dataclass
@@ -356,9 +227,10 @@ class DataSplits:
 
     Attributes:
         train: Training images, each returned as two augmented views.
-        memory: The same training images with the evaluation transform, for the
-            kNN monitor's memory bank.
-        test: Test images with the evaluation transform.
+        memory: Labelled training images with the evaluation transform, for the
+            kNN monitor's memory bank; empty when there are no labels.
+        test: Test images with the evaluation transform; empty when there are no
+            labels.
         name: Short name of the source, for the provenance.
         preprocessing: The evaluation preprocessing (also the bundle's).
         classes: Class names; label ``i`` is ``classes[i]``.
@@ -371,53 +243,184 @@ class DataSplits:
     preprocessing: Preprocessing
     classes: tuple[str, ...]
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the kNN monitor has a memory bank and a test set."""
+        return len(self.memory) > 0 and len(self.test) > 0
 
-def _normalisation(kind: SourceKind, train_images: np.ndarray | None) -> tuple:
-    if kind in ("cifar10-batches", "cifar10-shards"):
+    def skipped_images(self) -> int:
+        """Return how many unreadable images the splits have skipped so far."""
+        counters: dict[int, int] = {}
+        for dataset in (self.train, self.memory, self.test):
+            wrapper = _find_skip_wrapper(dataset)
+            if wrapper is not None:
+                counters[wrapper.counter_id] = wrapper.skipped
+        return sum(counters.values())
+
+
+def _find_skip_wrapper(dataset: Dataset) -> SkipUnreadable | None:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, SkipUnreadable) else None
+
+
+def _grey_statistics(images: np.ndarray) -> tuple[tuple, tuple]:
+    """Return mean and std of uint8 pixels in [0, 1], the same for each channel."""
+    counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
+    values = np.arange(256) / 255.0
+    mean = float((counts * values).sum() / counts.sum())
+    std = float(np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum()))
+    return (round(mean, 4),) * 3, (round(std, 4),) * 3
+
+
+def _normalisation(
+    kind: SourceKind, train: Dataset, classes: tuple[str, ...]
+) -> tuple[tuple, tuple]:
+    if kind == "cifar10-batches" or (
+        kind == "tar-shards" and classes == CIFAR10_CLASSES
+    ):
         return CIFAR10_MEAN, CIFAR10_STD
-    if kind == "digits" and train_images is not None:
-        pixels = train_images.reshape(-1, 3).astype(np.float64) / 255.0
+    if kind == "cifar100-batches":
+        return CIFAR100_MEAN, CIFAR100_STD
+    if kind == "idx" and isinstance(train, ImageArrayDataset):
+        return _grey_statistics(train.images)
+    if kind == "digits" and isinstance(train, ImageArrayDataset):
+        pixels = train.images.reshape(-1, 3).astype(np.float64) / 255.0
         mean = tuple(round(float(v), 4) for v in pixels.mean(axis=0))
         std = tuple(round(float(v), 4) for v in pixels.std(axis=0))
         return mean, std
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+def _split(
+    dataset: Dataset, labels: np.ndarray, seed: int, test_fraction: float
+) -> tuple[Subset, Subset]:
+    """Split a labelled data set per class, deterministically for a seed."""
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)),
+        test_size=test_fraction,
+        random_state=seed,
+        stratify=labels,
+    )
+    return Subset(dataset, train_idx), Subset(dataset, test_idx)
+
+
 def _image_folder_splits(
     path: Path, seed: int, test_fraction: float
 ) -> tuple[ImageDataset, ImageDataset, tuple[str, ...]]:
     """Split an image folder into untransformed train and test sets."""
-    if (path / "train").is_dir() and (path / "test").is_dir():
-        train = ImageFolder(path / "train", loader=load_rgb)
-        test = ImageFolder(path / "test", loader=load_rgb)
-        if train.classes != test.classes:
+    test_dir = _test_folder(path)
+    if (path / "train").is_dir() and test_dir is not None:
+        train_folder = ImageFolder(path / "train", loader=load_rgb)
+        test_folder = ImageFolder(test_dir, loader=load_rgb)
+        if train_folder.classes != test_folder.classes:
             raise ValueError(
-                f"{path}/train and {path}/test have different class folders "
-                f"({train.classes} and {test.classes}); use the same class names"
+                f"{path}/train and {test_dir} have different class folders "
+                f"({train_folder.classes} and {test_folder.classes}); use the same "
+                "class names"
             )
-        return train, test, tuple(train.classes)
+        return (
+            SkipUnreadable(train_folder),
+            SkipUnreadable(test_folder),
+            tuple(train_folder.classes),
+        )
 
     full = ImageFolder(path, loader=load_rgb)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(full.targets)),
-        test_size=test_fraction,
-        random_state=seed,
-        stratify=full.targets,
+    train, test = _split(
+        SkipUnreadable(full), np.asarray(full.targets), seed, test_fraction
     )
-    return Subset(full, train_idx), Subset(full, test_idx), tuple(full.classes)
+    return train, test, tuple(full.classes)
 
 
-def _with_transform(dataset: ImageDataset, transform: Callable | None) -> ImageDataset:
-    """Return a copy of an ImageFolder, a Subset of one, or an array data set."""
-    if isinstance(dataset, ImageArrayDataset):
-        return dataset.with_transform(transform)
+def _shard_splits(
+    path: Path, seed: int, test_fraction: float
+) -> tuple[ImageDataset, ImageDataset, tuple[str, ...]]:
+    if any(is_test_shard(shard) for shard in list_shards(path)):
+        train = TarShards(path, "train")
+        test = TarShards(path, "test")
+        return SkipUnreadable(train), SkipUnreadable(test), train.classes
+    full = TarShards(path, "all")
+    train_part, test_part = _split(
+        SkipUnreadable(full), full.labels, seed, test_fraction
+    )
+    return train_part, test_part, full.classes
+
+
+def _raw_splits(
+    source: str | Path, kind: SourceKind, seed: int, test_fraction: float
+) -> tuple[ImageDataset, ImageDataset | None, tuple[str, ...]]:
+    """Build the untransformed train and test sets; test is ``None`` if unlabelled."""
+    if kind == "digits":
+        arrays = load_digits_images(seed, test_fraction)
+        classes = tuple(str(d) for d in range(10))
+        train = ImageArrayDataset(*arrays["train"], classes=classes)
+        return train, ImageArrayDataset(*arrays["test"], classes=classes), classes
+    if kind == "cifar10-batches":
+        test = CIFAR10Batches(source, "test")
+        return CIFAR10Batches(source, "train"), test, test.classes
+    if kind == "cifar100-batches":
+        test = CIFAR100Batches(source, "test")
+        return CIFAR100Batches(source, "train"), test, test.classes
+    if kind == "idx":
+        test = IDXDataset(source, "test")
+        return IDXDataset(source, "train"), test, test.classes
+    if kind == "tar-shards":
+        return _shard_splits(Path(source), seed, test_fraction)
+    if kind == "imagefolder":
+        return _image_folder_splits(Path(source), seed, test_fraction)
+    return SkipUnreadable(UnlabelledImageFolder(source)), None, ()
+
+
+def _with_transform(dataset: Dataset, transform: Callable | None) -> ImageDataset:
+    """Return a copy of a data set (or of a Subset of one) with another transform."""
+    if isinstance(dataset, SkipUnreadable):
+        return dataset.with_dataset(_with_transform(dataset.dataset, transform))
     if isinstance(dataset, Subset):
         return Subset(_with_transform(dataset.dataset, transform), dataset.indices)
     if isinstance(dataset, ImageFolder):
         other = copy.copy(dataset)
         other.transform = transform
         return other
-    raise TypeError(f"cannot set a transform on {type(dataset).__name__}")
+    with_transform = getattr(dataset, "with_transform", None)
+    if with_transform is None:
+        raise TypeError(f"cannot set a transform on {type(dataset).__name__}")
+    return with_transform(transform)
+
+
+def build_labelled_datasets(
+    source: str | Path,
+    preprocessing: Preprocessing,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    transform: Callable[[Image.Image], Any] | None = None,
+) -> tuple[ImageDataset, ImageDataset, tuple[str, ...]]:
+    """Build the train and test sets of a labelled source for evaluation.
+
+    Args:
+        source: ``"digits"`` or a path; see the module docstring for the layouts.
+        preprocessing: The model's evaluation preprocessing.
+        seed: Seed of the train/test split where the source has none.
+        test_fraction: Fraction held out where the source has no test split.
+        transform: Replaces the evaluation transform built from ``preprocessing``
+            (for example, the service's NumPy preprocessing).
+
+    Returns:
+        The train set, the test set and the class names.
+
+    Raises:
+        ValueError: the source is missing, matches no layout, or has no labels.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    kind = detect_source(source)
+    train, test, classes = _raw_splits(source, kind, seed, test_fraction)
+    if test is None:
+        raise ValueError(
+            f"data source {str(source)!r} has no labels (images without class "
+            "sub-folders); pass a labelled source for evaluation"
+        )
+    chosen = transform if transform is not None else eval_transform(preprocessing)
+    return _with_transform(train, chosen), _with_transform(test, chosen), classes
 
 
 def build_datasets(
@@ -425,6 +428,7 @@ def build_datasets(
     image_size: int = 32,
     seed: int = 0,
     test_fraction: float = 0.2,
+    eval_source: str | Path | None = None,
 ) -> DataSplits:
     """Build the training, memory-bank and test sets of a data source.
 
@@ -434,45 +438,45 @@ def build_datasets(
         seed: Seed of the train/test split where the source has none.
         test_fraction: Fraction of the images held out where the source has no
             test split.
+        eval_source: A labelled source whose train and test splits become the kNN
+            monitor's memory bank and test set, in place of the training source's.
+            The normalisation stays that of ``source``.
 
     Raises:
-        ValueError: the source is missing or matches no accepted layout.
+        ValueError: a source is missing or matches no accepted layout, or
+            ``eval_source`` has no labels.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     kind = detect_source(source)
     logger.info("loading data source %s (%s)", source, kind)
+    train, test, classes = _raw_splits(source, kind, seed, test_fraction)
 
-    train: ImageDataset
-    test: ImageDataset
-    if kind == "digits":
-        arrays = load_digits_images(seed, test_fraction)
-        classes = tuple(str(d) for d in range(10))
-        train_images, train_labels = arrays["train"]
-        test_images, test_labels = arrays["test"]
-        train = ImageArrayDataset(train_images, train_labels, classes=classes)
-        test = ImageArrayDataset(test_images, test_labels, classes=classes)
-    elif kind == "cifar10-batches":
-        train = CIFAR10Batches(source, "train")
-        test = CIFAR10Batches(source, "test")
-        classes = CIFAR10_CLASSES
-    elif kind == "cifar10-shards":
-        train = CIFAR10Shards(source, "train")
-        test = CIFAR10Shards(source, "test")
-        classes = train.classes
-    else:
-        train, test, classes = _image_folder_splits(Path(source), seed, test_fraction)
-
-    array = train.images if isinstance(train, ImageArrayDataset) else None
-    mean, std = _normalisation(kind, array)
+    mean, std = _normalisation(kind, train, classes)
     preprocessing = eval_preprocessing(image_size, mean, std)
     evaluation = eval_transform(preprocessing)
     views = TwoViews(simclr_transform(image_size, mean, std))
 
+    if eval_source is not None:
+        memory, test, classes = build_labelled_datasets(
+            eval_source, preprocessing, seed, test_fraction
+        )
+        logger.info("the kNN monitor uses the labelled source %s", eval_source)
+    elif test is None:
+        memory = test = Subset(train, [])
+        logger.info(
+            "data source %s has no labels: the kNN monitor is skipped; pass "
+            "eval_data (a labelled source) to monitor training",
+            source,
+        )
+    else:
+        memory = _with_transform(train, evaluation)
+        test = _with_transform(test, evaluation)
+
     splits = DataSplits(
         train=_with_transform(train, views),
-        memory=_with_transform(train, evaluation),
-        test=_with_transform(test, evaluation),
+        memory=memory,
+        test=test,
         name=dataset_name(source),
         preprocessing=preprocessing,
         classes=classes,
@@ -490,24 +494,25 @@ def build_datasets(
 def load_sample_images(
     source: str | Path = "digits", count: int = 8, seed: int = 0
 ) -> list[Image.Image]:
-    """Return the first ``count`` test images of a source as RGB PIL images.
+    """Return the first ``count`` readable test images of a source as RGB images.
 
-    Reads only what it needs from a shard folder (part of the test shard).
+    Reads only what it needs from a shard folder. For an unlabelled folder the
+    first files of the folder are returned.
     """
     kind = detect_source(source)
-    if kind == "cifar10-shards":
-        images, _, _ = read_cifar10_shards(source, "test", max_images=count)
-        return [Image.fromarray(image) for image in images]
+    if kind == "tar-shards":
+        path = Path(source)
+        split = "test" if any(map(is_test_shard, list_shards(path))) else "all"
+        shards = TarShards(path, split, max_images=count)
+        return [shards[i][0] for i in range(len(shards))]
     if kind == "digits":
         images = load_digits_images(seed)["test"][0][:count]
         return [Image.fromarray(image) for image in images]
-    if kind == "cifar10-batches":
-        batches = CIFAR10Batches(source, "test")
-        return [Image.fromarray(image) for image in batches.images[:count]]
 
-    _, test, _ = _image_folder_splits(Path(source), seed, 0.2)
+    train, test, _ = _raw_splits(source, kind, seed, 0.2)
+    dataset = test if test is not None else train
     samples = []
-    for i in range(min(count, len(test))):
-        image, _ = test[i]
+    for i in range(min(count, len(dataset))):
+        image, _ = dataset[i]
         samples.append(image.convert("RGB"))
     return samples

@@ -113,8 +113,15 @@ def knn_monitor(
     device: torch.device | str,
     k: int = 200,
     t: float = 0.1,
-) -> float:
-    """Extract features of the memory bank and the test set, and return kNN top-1."""
+) -> float | None:
+    """Extract features of the memory bank and the test set, and return kNN top-1.
+
+    Returns ``None``, without running the model, when either set is empty (an
+    unlabelled training source without a labelled evaluation source).
+    """
+    sizes = [len(loader.dataset) for loader in (memory_loader, test_loader)]  # type: ignore[arg-type]
+    if min(sizes) == 0:
+        return None
     train_features, train_labels = extract_features(model, memory_loader, device)
     test_features, test_labels = extract_features(model, test_loader, device)
     return knn_accuracy(train_features, train_labels, test_features, test_labels, k, t)

@@ -101,3 +101,57 @@ def test_export_missing_checkpoint_returns_2(parser, tmp_path, caplog):
 
     assert args.func(args) == 2
     assert "not found" in caplog.text
+
+
+def test_flags_override_config_file(parser, tmp_path):
+    from training.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("loss: dclw\nepochs: 50\ntensorboard: true\nknn_k: 10\n")
+    args = parser.parse_args(
+        [
+            "train",
+            "--config",
+            str(path),
+            "--epochs",
+            "17",
+            "--no-tensorboard",
+            "--eval-data",
+            "digits",
+            "--log-every-steps",
+            "5",
+        ]
+    )
+
+    config = load_config(
+        args.config, **{n: getattr(args, n) for n in TrainConfig.model_fields}
+    )
+
+    assert config.loss == "dclw"
+    assert config.knn_k == 10
+    assert config.epochs == 17
+    assert config.tensorboard is False
+    assert config.eval_data == "digits"
+    assert config.log_every_steps == 5
+
+
+def test_eval_and_plot_parsers():
+    from dcl_embed.cli import build_parser
+
+    parser = build_parser()
+    evaluation = parser.parse_args(["eval", "--bundle", "b", "--data", "d", "--linear"])
+    plot = parser.parse_args(["plot", "r1", "r2", "--out", "c.png"])
+
+    assert evaluation.linear and not evaluation.knn
+    assert str(evaluation.bundle) == "b"
+    assert [str(p) for p in plot.run_dirs] == ["r1", "r2"]
+    assert str(plot.out) == "c.png"
+
+
+def test_eval_needs_a_model(capsys):
+    from dcl_embed.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--data", "digits"])
+
+    assert "--checkpoint" in capsys.readouterr().err

@@ -105,3 +105,53 @@ def test_shipped_configs_are_valid(path):
     config = load_config(path)
 
     assert config.epochs >= 1
+
+
+@pytest.mark.parametrize(
+    "text, field, message",
+    [
+        ("epochs: ten\n", "epochs", "valid integer"),
+        ("temperature: [0.1]\n", "temperature", "valid number"),
+        ("cifar_stem: maybe\n", "cifar_stem", "valid boolean"),
+        ("eval_data: 3\n", "eval_data", "valid string"),
+    ],
+)
+def test_wrong_type_in_file_names_key_and_value(tmp_path, text, field, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+
+    with pytest.raises(ValueError, match=f"{field}: .*{message}") as caught:
+        load_config(path)
+    assert "got" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"image_size": 4}, "image_size: Input should be greater than or equal to 8"),
+        ({"knn_k": 0}, "knn_k: Input should be greater than or equal to 1"),
+        ({"log_every_steps": 0}, "log_every_steps: Input should be greater"),
+        ({"warmup_epochs": -1}, "warmup_epochs: Input should be greater"),
+    ],
+)
+def test_impossible_value_message(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(**overrides)
+
+
+def test_unknown_key_suggests_field(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("temprature: 0.2\n")
+
+    with pytest.raises(ValueError, match="temprature: unknown key; did you mean temp"):
+        load_config(path)
+
+
+def test_imagenet_config_settings():
+    path = Path(__file__).parents[2] / "training" / "configs"
+    config = load_config(path / "imagenet-resnet50-dcl.yaml")
+
+    assert config.arch == "resnet50"
+    assert config.image_size == 224
+    assert not config.use_cifar_stem
+    assert config.loss == "dcl"

@@ -11,13 +11,12 @@ from tests.training.files import write_image_folder, write_python_batches
 from training.augment import eval_preprocessing, eval_transform
 from training.data import (
     CIFAR10Batches,
-    CIFAR10Shards,
+    TarShards,
     build_datasets,
     dataset_name,
     detect_source,
     load_digits_images,
     load_sample_images,
-    read_cifar10_shards,
 )
 
 
@@ -152,24 +151,26 @@ def test_unknown_layout_raises_with_name(tmp_path):
 def test_shards_first_images():
     root = require_cifar10()
 
-    images, labels, classes = read_cifar10_shards(root, "test", max_images=50)
+    shards = TarShards(root, "test", max_images=50)
+    image, label = shards[0]
 
-    assert images.shape == (50, 32, 32, 3)
-    assert images.dtype == np.uint8
-    assert len(classes) == 10
-    assert classes[0] == "airplane"
-    assert labels.min() >= 0
-    assert labels.max() < 10
+    assert len(shards) == 50
+    assert image.size == (32, 32)
+    assert image.mode == "RGB"
+    assert len(shards.classes) == 10
+    assert shards.classes[0] == "airplane"
+    assert shards.labels.min() >= 0
+    assert shards.labels.max() < 10
 
 
 def test_shards_test_split_counts():
     root = require_cifar10()
 
-    test = CIFAR10Shards(root, "test")
+    test = TarShards(root, "test")
 
-    assert detect_source(root) == "cifar10-shards"
+    assert detect_source(root) == "tar-shards"
     assert dataset_name(root) == "cifar10-jpeg"
-    assert test.images.shape == (10000, 32, 32, 3)
+    assert len(test) == 10000
     assert Counter(test.labels.tolist()) == {label: 1000 for label in range(10)}
 
 
