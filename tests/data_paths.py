@@ -41,7 +41,9 @@ def extract_cifar10_subset(
     """
     source = require_cifar10()
     shard_name = shard or (
-        "test-00000-of-00001.tar.gz" if split == "test" else "train-00000-of-00005.tar.gz"
+        "test-00000-of-00001.tar.gz"
+        if split == "test"
+        else "train-00000-of-00005.tar.gz"
     )
     taken: Counter[str] = Counter()
     with tarfile.open(source / shard_name) as archive:

@@ -37,13 +37,22 @@ def cifar_images(count: int) -> list[Image.Image]:
 def synthetic_images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
     images = []
-    for width, height in [(32, 32), (45, 37), (37, 45), (300, 17), (17, 300), (640, 480)]:
+    for width, height in [
+        (32, 32),
+        (45, 37),
+        (37, 45),
+        (300, 17),
+        (17, 300),
+        (640, 480),
+    ]:
         pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         images.append(Image.fromarray(pixels))
     grey = Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), mode="L")
     images.append(grey)
     images.append(images[3].convert("P"))
-    rgba = np.dstack([rng.integers(0, 256, (40, 40, 3)), rng.integers(0, 256, (40, 40))])
+    rgba = np.dstack(
+        [rng.integers(0, 256, (40, 40, 3)), rng.integers(0, 256, (40, 40))]
+    )
     images.append(Image.fromarray(rgba.astype(np.uint8), mode="RGBA"))
     return images
 
