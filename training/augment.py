@@ -43,7 +43,11 @@ def _to_normalised_tensor(
 
 
 def simclr_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float]
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_min_scale: float | None = None,
+    horizontal_flip: bool = True,
 ) -> v2.Compose:
     """Build the SimCLR augmentation for one view.
 
@@ -51,22 +55,31 @@ def simclr_transform(
     (0.2, 1), horizontal flip, color jitter (0.4, 0.4, 0.4, 0.1) with p=0.8,
     grayscale with p=0.2, and no blur. Larger images: crop scale (0.08, 1), the
     same flip, jitter and grayscale, and a Gaussian blur with p=0.5 whose kernel is
-    about a tenth of the image side.
+    about a tenth of the image side. ``crop_min_scale`` replaces the lower crop
+    scale, and ``horizontal_flip=False`` drops the flip, for images such as digits
+    whose identity a small crop or a mirror image changes.
     """
     if image_size <= 0:
         raise ValueError(
             f"image_size must be a positive number of pixels, got {image_size}"
         )
     small = image_size <= SMALL_IMAGE_MAX
+    if crop_min_scale is None:
+        crop_min_scale = 0.2 if small else 0.08
+    if not 0.0 < crop_min_scale <= 1.0:
+        raise ValueError(
+            f"crop_min_scale must be in (0, 1], got {crop_min_scale}; it is the "
+            "smallest fraction of the image area that a crop keeps"
+        )
     steps: list[v2.Transform] = [
         v2.Lambda(to_rgb),
         v2.RandomResizedCrop(
             image_size,
-            scale=(0.2, 1.0) if small else (0.08, 1.0),
+            scale=(crop_min_scale, 1.0),
             interpolation=InterpolationMode.BILINEAR,
             antialias=True,
         ),
-        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomHorizontalFlip(p=0.5 if horizontal_flip else 0.0),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
     ]

@@ -63,6 +63,18 @@ class TrainConfig(BaseModel):
     image_size: int = Field(
         default=32, ge=8, le=1024, description="Side of the training crops, pixels."
     )
+    crop_min_scale: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Smallest fraction of the image area a random crop keeps; "
+        "default: 0.2 up to 64 px, else 0.08 (SimCLR's values).",
+    )
+    horizontal_flip: bool = Field(
+        default=True,
+        description="Flip views horizontally; turn off for images whose mirror "
+        "image means something else, such as digits or text.",
+    )
     loss: Literal["infonce", "dcl", "dclw"] = Field(
         default="dcl", description="Contrastive loss."
     )

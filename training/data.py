@@ -429,6 +429,8 @@ def build_datasets(
     seed: int = 0,
     test_fraction: float = 0.2,
     eval_source: str | Path | None = None,
+    crop_min_scale: float | None = None,
+    horizontal_flip: bool = True,
 ) -> DataSplits:
     """Build the training, memory-bank and test sets of a data source.
 
@@ -441,6 +443,9 @@ def build_datasets(
         eval_source: A labelled source whose train and test splits become the kNN
             monitor's memory bank and test set, in place of the training source's.
             The normalisation stays that of ``source``.
+        crop_min_scale: Lower crop scale of the augmentation; default: the SimCLR
+            value for the image size.
+        horizontal_flip: Whether the augmentation flips images horizontally.
 
     Raises:
         ValueError: a source is missing or matches no accepted layout, or
@@ -455,7 +460,9 @@ def build_datasets(
     mean, std = _normalisation(kind, train, classes)
     preprocessing = eval_preprocessing(image_size, mean, std)
     evaluation = eval_transform(preprocessing)
-    views = TwoViews(simclr_transform(image_size, mean, std))
+    views = TwoViews(
+        simclr_transform(image_size, mean, std, crop_min_scale, horizontal_flip)
+    )
 
     if eval_source is not None:
         memory, test, classes = build_labelled_datasets(

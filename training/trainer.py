@@ -287,7 +287,12 @@ class _Run:
 
         self.generator = seed_everything(config.seed + context.rank)
         self.splits = build_datasets(
-            config.data, config.image_size, config.seed, eval_source=config.eval_data
+            config.data,
+            config.image_size,
+            config.seed,
+            eval_source=config.eval_data,
+            crop_min_scale=config.crop_min_scale,
+            horizontal_flip=config.horizontal_flip,
         )
         self.run_log = (
             RunLog(
