@@ -45,13 +45,13 @@ def extract_cifar10_subset(
         if split == "test"
         else "train-00000-of-00005.tar.gz"
     )
-    taken: Counter[str] = Counter()
+    copied_per_class: Counter[str] = Counter()
     with tarfile.open(source / shard_name) as archive:
         for member in archive:
             if not member.isfile():
                 continue
             class_name = member.name.split("/")[1]
-            if taken[class_name] >= per_class:
+            if copied_per_class[class_name] >= per_class:
                 continue
             target = destination / member.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -59,5 +59,5 @@ def extract_cifar10_subset(
             if extracted is None:
                 raise ValueError(f"{shard_name}: cannot read member {member.name}")
             target.write_bytes(extracted.read())
-            taken[class_name] += 1
+            copied_per_class[class_name] += 1
     return destination / split
