@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
+import anyio
 import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -89,6 +90,7 @@ class Runtime:
     collection: Collection
     batcher: EmbeddingBatcher
     metrics: Metrics
+    decode_limiter: anyio.CapacityLimiter
 
 
 class ServiceState:
@@ -302,9 +304,15 @@ async def _embed_uploads(
     if batcher.queue_depth >= batcher.max_queue_size:
         runtime.metrics.queue_rejections.inc()
         raise _overloaded(batcher.max_queue_size)
-    with runtime.metrics.time("decode"):
+    # The batcher waits for announced images, so embed must follow the block
+    # with no await in between.
+    with batcher.incoming(len(uploads)), runtime.metrics.time("decode"):
         batch, thumbs = await anyio.to_thread.run_sync(
-            _decode_batch, uploads, runtime, thumbnails
+            _decode_batch,
+            uploads,
+            runtime,
+            thumbnails,
+            limiter=runtime.decode_limiter,
         )
     try:
         with runtime.metrics.time("embed"):
@@ -439,6 +447,7 @@ async def embed(request: Request, runtime: RuntimeDep) -> EmbedResponse:
                 "k": {"type": "integer"},
                 "ef_search": {"type": "integer"},
                 "nprobe": {"type": "integer"},
+                "rerank_factor": {"type": "integer"},
                 "filter": {"type": "string", "description": "A JSON object."},
             },
             "required": ["image"],
@@ -460,7 +469,7 @@ async def search(request: Request, runtime: RuntimeDep) -> SearchResponse:
     if media_type == "multipart/form-data":
         form = await _read_form(request, runtime)
         values = {"k": form.get("k", 10)}
-        for name in ("ef_search", "nprobe", "filter"):
+        for name in ("ef_search", "nprobe", "rerank_factor", "filter"):
             if form.get(name) is not None:
                 values[name] = form.get(name)
         params = _parse_form(ImageSearchForm, values, runtime.limits)
@@ -486,7 +495,11 @@ async def search(request: Request, runtime: RuntimeDep) -> SearchResponse:
 
     # One extra result leaves room to drop the query item itself.
     fetch = k + 1 if exclude_id is not None else k
-    search_params = SearchParams(ef_search=options.ef_search, nprobe=options.nprobe)
+    search_params = SearchParams(
+        ef_search=options.ef_search,
+        nprobe=options.nprobe,
+        rerank_factor=options.rerank_factor,
+    )
     (hits,) = await _run(
         runtime,
         "search",
@@ -789,6 +802,7 @@ def load_components(settings: Settings) -> tuple[Encoder, Collection]:
         settings.bundle_dir,
         providers=choose_providers(settings.providers),
         intra_op_threads=settings.intra_op_threads,
+        intra_op_spinning=settings.intra_op_spinning,
     )
     collection = open_collection(settings, encoder)
     return encoder, collection
@@ -810,6 +824,7 @@ async def _load(state: ServiceState) -> None:
         max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue_size=settings.max_queue_size,
         metrics=state.metrics,
+        max_fill_wait_s=settings.max_batch_fill_wait_ms / 1000,
     )
     batcher.start()
     limits = Limits(
@@ -832,6 +847,7 @@ async def _load(state: ServiceState) -> None:
         collection=collection,
         batcher=batcher,
         metrics=state.metrics,
+        decode_limiter=anyio.CapacityLimiter(settings.decode_threads),
     )
     logger.info(
         "Ready: %d items, model sha256 %s, provider %s",

@@ -33,6 +33,8 @@ from service.index import (
     build_index,
     choose_kind,
     read_snapshot,
+    rerank_exact,
+    rerank_factor,
     write_snapshot,
 )
 from service.store import FilterValue, ItemRecord, ItemStore, NewItem, UpsertResult
@@ -346,7 +348,11 @@ class Collection:
         ``metadata_filter`` keeps items whose metadata has every given
         key-value pair. With the exact index, k hits come back whenever k items
         match; approximate kinds may return fewer for a selective filter (see
-        ``ApproximateIndex.search``).
+        ``ApproximateIndex.search``). IVF-PQ with a re-ranking factor above 1
+        (``SearchParams.rerank_factor``) fetches that many times k candidates.
+        They are then ordered by the exact inner product with their float
+        vectors, read from the store, so scores are exact while the index keeps
+        only the PQ codes in memory.
         """
         index = self.index
         allowed = None
@@ -354,7 +360,12 @@ class Collection:
             allowed = self.store.keys_matching(metadata_filter)
             if len(allowed) == 0:
                 return [[] for _ in range(len(queries))]
-        scores, keys = index.search(queries, k, params, allowed)
+        factor = rerank_factor(index, params)
+        scores, keys = index.search(queries, k * factor, params, allowed)
+        if factor > 1:
+            stored_keys, vectors = self.store.vectors_by_keys(keys)
+            queries = np.asarray(queries, dtype=np.float32)
+            scores, keys = rerank_exact(queries, keys, stored_keys, vectors, k)
         found = self.store.get_by_keys(sorted({int(x) for x in keys.ravel() if x >= 0}))
         results: list[list[SearchHit]] = []
         for row_scores, row_keys in zip(scores, keys, strict=True):

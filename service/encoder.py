@@ -63,6 +63,9 @@ class Encoder:
         providers: execution providers in order of preference; by default CUDA
             where available, then CPU.
         intra_op_threads: ONNX Runtime's intra-op thread count; 0 lets it choose.
+        intra_op_spinning: whether idle intra-op threads busy-wait for work
+            (ONNX Runtime's ``session.intra_op.allow_spinning``). Off by
+            default, so that they leave the CPU to request handling.
 
     Raises:
         BundleError: the bundle is missing or corrupt, or the graph's input,
@@ -74,6 +77,7 @@ class Encoder:
         bundle_dir: str | Path,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
+        intra_op_spinning: bool = False,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.metadata: BundleMetadata = load_metadata(self.bundle_dir)
@@ -85,6 +89,9 @@ class Encoder:
         requested = providers or choose_providers()
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if intra_op_spinning else "0"
+        )
         try:
             self._session = ort.InferenceSession(
                 str(model_path), sess_options=options, providers=requested

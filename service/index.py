@@ -37,6 +37,8 @@ from typing import Literal, Protocol
 import faiss
 import numpy as np
 
+from service.schemas import MAX_RERANK_FACTOR
+
 logger = logging.getLogger(__name__)
 
 IndexKind = Literal["exact", "hnsw", "ivfpq"]
@@ -78,18 +80,27 @@ class SearchParams:
     """Per-call search parameters, passed to FAISS for one call only.
 
     ``ef_search`` is HNSW's candidate list size and ``nprobe`` the number of
-    IVF lists visited. None means the index's configured default. The exact
-    index ignores both.
+    IVF lists visited. ``rerank_factor`` makes an IVF-PQ search fetch
+    ``rerank_factor * k`` candidates, which the collection re-ranks by their
+    exact float vectors; 1 turns re-ranking off. None means the index's
+    configured default. The exact index ignores all three, and HNSW ignores
+    ``nprobe`` and ``rerank_factor``.
     """
 
     ef_search: int | None = None
     nprobe: int | None = None
+    rerank_factor: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ef_search", "nprobe"):
+        for name in ("ef_search", "nprobe", "rerank_factor"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} is {value}; use 1 or more")
+        if self.rerank_factor is not None and self.rerank_factor > MAX_RERANK_FACTOR:
+            raise ValueError(
+                f"rerank_factor is {self.rerank_factor}; use at most "
+                f"{MAX_RERANK_FACTOR}"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,8 @@ class IndexConfig:
         hnsw_ef_construction: HNSW candidate list size while adding.
         hnsw_ef_search: default HNSW candidate list size per search.
         ivf_nprobe: default number of IVF lists visited per search.
+        ivf_rerank_factor: default IVF-PQ re-ranking factor per search (see
+            ``SearchParams``); 1 turns re-ranking off.
         max_tombstone_fraction: rebuild an approximate index in the background
             once this share of its positions is dead.
     """
@@ -111,6 +124,7 @@ class IndexConfig:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 64
     ivf_nprobe: int = 16
+    ivf_rerank_factor: int = 1
     max_tombstone_fraction: float = 0.2
 
     def __post_init__(self) -> None:
@@ -122,6 +136,11 @@ class IndexConfig:
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)}; use 1 or more")
+        if not 1 <= self.ivf_rerank_factor <= MAX_RERANK_FACTOR:
+            raise ValueError(
+                f"ivf_rerank_factor is {self.ivf_rerank_factor}; use 1 to "
+                f"{MAX_RERANK_FACTOR}"
+            )
         if not 0.0 < self.max_tombstone_fraction < 1.0:
             raise ValueError(
                 f"max_tombstone_fraction is {self.max_tombstone_fraction}; use a "
@@ -627,7 +646,59 @@ def _train_ivfpq(
 
 
 def _default_params(config: IndexConfig) -> SearchParams:
-    return SearchParams(ef_search=config.hnsw_ef_search, nprobe=config.ivf_nprobe)
+    return SearchParams(
+        ef_search=config.hnsw_ef_search,
+        nprobe=config.ivf_nprobe,
+        rerank_factor=config.ivf_rerank_factor,
+    )
+
+
+def rerank_factor(index: VectorIndex, params: SearchParams | None) -> int:
+    """Return how many candidates per result ``index`` fetches for re-ranking.
+
+    Only IVF-PQ re-ranks, because its codes are lossy; other kinds return 1.
+    """
+    if not isinstance(index, ApproximateIndex) or index.kind != "ivfpq":
+        return 1
+    if params is not None and params.rerank_factor is not None:
+        return params.rerank_factor
+    return index.default_params.rerank_factor or 1
+
+
+def rerank_exact(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    keys: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank each query's candidate keys by exact inner product.
+
+    Args:
+        queries: float32 [Q, D].
+        candidates: int64 [Q, F] keys from an approximate search, -1 for none.
+        keys: int64 [U] keys whose vectors are known, sorted ascending.
+        vectors: float32 [U, D], the vector of each key in ``keys``.
+        k: results per query.
+
+    Returns:
+        (scores, keys), each [Q, k], best first; missing places have key -1.
+        Candidates absent from ``keys`` (deleted since the search) are dropped.
+        Equal scores keep the smaller key first.
+    """
+    out_scores, out_keys = _empty_results(len(queries), k)
+    if len(keys) == 0:
+        return out_scores, out_keys
+    for row, query in enumerate(queries):
+        found = np.unique(candidates[row][candidates[row] >= 0])
+        positions = np.minimum(np.searchsorted(keys, found), len(keys) - 1)
+        known = keys[positions] == found
+        found, positions = found[known], positions[known]
+        scores = vectors[positions] @ query
+        best = np.argsort(-scores, kind="stable")[:k]
+        out_scores[row, : len(best)] = scores[best]
+        out_keys[row, : len(best)] = found[best]
+    return out_scores, out_keys
 
 
 def _check_keys_vectors(

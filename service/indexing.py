@@ -305,6 +305,7 @@ def index_config(settings: Settings) -> IndexConfig:
         hnsw_ef_search=settings.hnsw_ef_search,
         ivf_nprobe=settings.ivf_nprobe,
         max_tombstone_fraction=settings.max_tombstone_fraction,
+        ivf_rerank_factor=settings.ivf_rerank_factor,
     )
 
 

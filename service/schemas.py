@@ -160,6 +160,8 @@ class EmbedResponse(BaseModel):
 
 MAX_EF_SEARCH = 4096
 MAX_NPROBE = 65_536
+# IVF-PQ re-ranking reads k times this many float vectors from the store at most.
+MAX_RERANK_FACTOR = 64
 MAX_FILTER_KEYS = 16
 FilterScalar = StrictStr | StrictBool | StrictInt | StrictFloat | None
 
@@ -180,6 +182,14 @@ class SearchOptions(BaseModel):
         le=MAX_NPROBE,
         description="IVF lists visited for this search; larger finds more true "
         "neighbours, slower. Ignored by other index kinds.",
+    )
+    rerank_factor: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_RERANK_FACTOR,
+        description="IVF-PQ only: fetch this many times k candidates and re-rank "
+        "them by exact cosine on the stored vectors; 1 turns re-ranking off. "
+        "Ignored by other index kinds.",
     )
     filter: dict[str, FilterScalar] | None = Field(
         default=None,

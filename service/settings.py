@@ -69,6 +69,20 @@ class Settings(BaseSettings):
         description="How long the first queued request waits for others to join "
         "its batch, milliseconds.",
     )
+    max_batch_fill_wait_ms: float = Field(
+        default=25.0,
+        ge=0,
+        description="Under load, how long the first queued request waits, in "
+        "all, for its batch to reach half the images in the service (queued, "
+        "being decoded or being embedded), milliseconds. Raised to "
+        "max_batch_wait_ms where lower.",
+    )
+    decode_threads: int = Field(
+        default=4,
+        gt=0,
+        description="Worker threads that decode and preprocess uploaded images "
+        "at once; more requests wait for a free one.",
+    )
     max_queue_size: int = Field(
         default=256,
         gt=0,
@@ -84,7 +98,15 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0,
         ge=0,
-        description="ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose.",
+        description="ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose "
+        "(one per physical core).",
+    )
+    intra_op_spinning: bool = Field(
+        default=False,
+        description="Let ONNX Runtime's intra-op threads busy-wait for work "
+        "between operators. Spinning saves a little latency on dedicated cores, "
+        "but takes CPU time from HTTP handling and image decoding on shared "
+        "ones.",
     )
     max_metadata_depth: int = Field(
         default=8, gt=0, description="Nesting depth of a metadata object."
@@ -110,6 +132,15 @@ class Settings(BaseSettings):
         gt=0,
         description="Default number of IVF lists visited per search; a search "
         "request's `nprobe` overrides it.",
+    )
+    ivf_rerank_factor: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="IVF-PQ only: fetch this many times k candidates per search "
+        "and re-rank them by their exact float vectors, read from the SQLite "
+        "store; 1 turns re-ranking off. A search request's `rerank_factor` "
+        "overrides it.",
     )
     max_tombstone_fraction: float = Field(
         default=0.2,

@@ -533,6 +533,24 @@ class ItemStore:
             vectors=vectors,
         )
 
+    def vectors_by_keys(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (sorted keys, float32 vectors) of the stored items among ``keys``.
+
+        Keys below 0 (FAISS's "no result") and keys of deleted items are skipped.
+        """
+        unique_keys = np.unique(keys[keys >= 0])
+        keys_parts = [np.empty(0, dtype=np.int64)]
+        vector_parts = [np.empty((0, self.dim), dtype=np.float32)]
+        with self._reader() as conn:
+            # SQLite allows at least 999 bound parameters per statement.
+            for start in range(0, len(unique_keys), 900):
+                chunk = tuple(int(key) for key in unique_keys[start : start + 900])
+                where = f"key IN ({','.join('?' * len(chunk))})"
+                found_keys, vectors = self._vectors_where(conn, where, chunk)
+                keys_parts.append(found_keys)
+                vector_parts.append(vectors)
+        return np.concatenate(keys_parts), np.concatenate(vector_parts)
+
     def all_vectors(self) -> tuple[int, np.ndarray, np.ndarray]:
         """Return (last seq, keys, vectors) of every item in one snapshot."""
         with self._reader() as conn:

@@ -13,6 +13,7 @@ from service.collection import Collection
 from service.index import (
     IVFPQ_MIN_TRAIN_SIZE,
     MAX_OVERFETCH,
+    MAX_RERANK_FACTOR,
     ApproximateIndex,
     IndexConfig,
     SearchParams,
@@ -20,6 +21,7 @@ from service.index import (
     choose_kind,
     ivfpq_layout,
     read_snapshot,
+    rerank_exact,
 )
 from service.store import NewItem
 
@@ -361,3 +363,101 @@ def test_periodic_snapshot_after_t_seconds(tmp_path: Path):
         assert collection.snapshot_seq == 2
     finally:
         collection.close()
+
+
+@pytest.fixture
+def trained_ivfpq(tmp_path: Path):
+    """An IVF-PQ collection of 600 items, trained, with its item vectors."""
+    collection = Collection(tmp_path, SHA, DIM, config=IndexConfig(kind="ivfpq"))
+    items = new_items(0, IVFPQ_MIN_TRAIN_SIZE - 12)
+    collection.upsert(items)
+    more = new_items(len(items), 600 - len(items), seed=1)
+    collection.upsert(more)
+    collection.wait_for_rebuild(timeout=60)
+    yield collection, items + more
+    collection.close()
+
+
+def test_ivfpq_rerank_matches_exact(trained_ivfpq):
+    collection, items = trained_ivfpq
+    assert collection.kind == "ivfpq"
+    vectors = np.stack([item.vector for item in items])
+    ids = np.array([item.id for item in items])
+    queries = unit_vectors(10, seed=7)
+    nlist = collection.index._index.nlist
+    # 10 x 64 candidates cover all 600 items, so re-ranking must give exact
+    # results, although the 3-bit PQ codes of this small set rank poorly.
+    params = SearchParams(nprobe=nlist, rerank_factor=MAX_RERANK_FACTOR)
+
+    results = collection.search(queries, 10, params=params)
+
+    for query, hits in zip(queries, results, strict=True):
+        exact_scores = vectors @ query
+        expected = ids[np.argsort(-exact_scores, kind="stable")[:10]]
+        assert [hit.record.id for hit in hits] == list(expected)
+        scores = [hit.score for hit in hits]
+        assert scores == sorted(scores, reverse=True)
+        by_id = dict(zip(ids, exact_scores, strict=True))
+        np.testing.assert_allclose(
+            scores, [by_id[hit.record.id] for hit in hits], atol=1e-5
+        )
+
+
+def test_ivfpq_without_rerank_scores_approximate(trained_ivfpq):
+    # The check above can fail: PQ distances differ from exact inner products.
+    collection, items = trained_ivfpq
+    vectors = {item.id: item.vector for item in items}
+    query = unit_vectors(1, seed=7)[0]
+    nlist = collection.index._index.nlist
+
+    (hits,) = collection.search(
+        query[None, :], 5, params=SearchParams(nprobe=nlist, rerank_factor=1)
+    )
+
+    errors = [abs(hit.score - float(vectors[hit.record.id] @ query)) for hit in hits]
+    assert max(errors) > 1e-3
+
+
+def test_ivfpq_rerank_skips_deleted(trained_ivfpq):
+    collection, items = trained_ivfpq
+    nlist = collection.index._index.nlist
+    params = SearchParams(nprobe=nlist, rerank_factor=MAX_RERANK_FACTOR)
+    target = items[3]
+    assert hit_ids(collection, target.vector, 10, params=params)[0] == target.id
+
+    collection.delete(target.id)
+
+    assert target.id not in hit_ids(collection, target.vector, 10, params=params)
+
+
+def test_rerank_exact_orders_and_drops():
+    keys = np.array([2, 5, 9], dtype=np.int64)
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    queries = np.array([[0.0, 1.0]], dtype=np.float32)
+    # Key 7 has no stored vector (deleted) and -1 is an empty place.
+    candidates = np.array([[2, 7, 9, -1, 5]], dtype=np.int64)
+
+    scores, found = rerank_exact(queries, candidates, keys, vectors, 4)
+
+    assert found.tolist() == [[5, 9, 2, -1]]
+    np.testing.assert_allclose(scores[0, :3], [1.0, 0.8, 0.0], atol=1e-6)
+    assert scores[0, 3] == -np.inf
+
+
+def test_rerank_exact_no_stored_vectors():
+    candidates = np.array([[4, 1]], dtype=np.int64)
+    queries = np.ones((1, 2), dtype=np.float32)
+
+    _, found = rerank_exact(
+        queries, candidates, np.empty(0, np.int64), np.empty((0, 2), np.float32), 2
+    )
+
+    assert found.tolist() == [[-1, -1]]
+
+
+@pytest.mark.parametrize("factor", [0, MAX_RERANK_FACTOR + 1])
+def test_rerank_factor_bounds(factor: int):
+    with pytest.raises(ValueError, match="rerank_factor"):
+        SearchParams(rerank_factor=factor)
+    with pytest.raises(ValueError, match="ivf_rerank_factor"):
+        IndexConfig(kind="ivfpq", ivf_rerank_factor=factor)

@@ -34,6 +34,11 @@ def test_filter_and_params_json(server_factory):
         assert len(results) == 5
         assert {r["metadata"]["label"] for r in results} == {"dog"}
 
+        reranked = {"vector": unit(2), "k": 4, "rerank_factor": 8}
+        response = client.post("/v1/search", json=reranked)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"]) == 4
+
         by_id = {"id": "i3", "k": 3, "filter": {"label": "dog"}, "nprobe": 4}
         results = client.post("/v1/search", json=by_id).json()["results"]
         assert "i3" not in [r["id"] for r in results]
@@ -44,6 +49,8 @@ def test_filter_and_params_json(server_factory):
             ({"nprobe": 10**6}, "nprobe"),
             ({"filter": {"label": ["a"]}}, "filter"),
             ({"filter": {}}, "filter"),
+            ({"rerank_factor": 0}, "rerank_factor"),
+            ({"rerank_factor": 65}, "rerank_factor"),
         ]:
             response = client.post("/v1/search", json={"vector": unit(1), **bad})
             assert response.status_code == 422, (bad, response.text)
