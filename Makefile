@@ -1,7 +1,8 @@
 # Set-up and the everyday commands. Every target creates the virtual environment
 # first, so `make demo` and `make test` work on a fresh clone.
 VENV ?= .venv
-PYTHON ?= python3
+# The pinned torch wheels are built for Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || echo python3)
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint clean

@@ -72,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         raise
-    except (ValueError, FileNotFoundError) as exc:
-        # Bad input from the user: the message names the value and the fix, so a
-        # traceback would only bury it. Run with --log-level DEBUG to see one.
+    except (ValueError, OSError) as exc:
+        # Bad input from the user, or a path that cannot be used: the message
+        # names the value, so a traceback would only bury it. Run with
+        # --log-level DEBUG to see one.
         logger.debug("traceback", exc_info=True)
         logger.error("%s", exc)
         return 2

@@ -109,6 +109,7 @@ def _run_index(args: argparse.Namespace) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from service.bundle import BundleError, load_metadata
     from service.server import run
     from service.settings import Settings
 
@@ -127,6 +128,24 @@ def _run_serve(args: argparse.Namespace) -> int:
         logger.error(
             "invalid settings; pass --bundle and --data-dir or set DCL_BUNDLE_DIR "
             "and DCL_DATA_DIR:\n%s",
+            exc,
+        )
+        return 2
+    # Check the bundle and the data dir before the server starts, so that a
+    # mistake exits with a message instead of a server that is never ready.
+    try:
+        load_metadata(settings.bundle_dir)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except BundleError as exc:
+        logging.basicConfig()
+        logger.error("dcl serve: %s", exc)
+        return 2
+    except OSError as exc:
+        logging.basicConfig()
+        logger.error(
+            "dcl serve: cannot create data dir %s (%s); pass a writable folder "
+            "with --data-dir or DCL_DATA_DIR",
+            settings.data_dir,
             exc,
         )
         return 2

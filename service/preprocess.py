@@ -75,6 +75,7 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Ima
                     f"than the limit of {max_pixels}; downscale it before upload",
                     too_large=True,
                 )
+            check_aspect_ratio(width, height)
             image.load()
             upright: Image.Image = ImageOps.exif_transpose(image)
     except ImageError:
@@ -115,6 +116,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Resizing the shorter side keeps the aspect ratio, so a 1 x 1,000,000 image would
+# become 32 x 32,000,000 pixels before the crop. Longer ratios are rejected.
+MAX_ASPECT_RATIO = 64
+
+
+def check_aspect_ratio(width: int, height: int) -> None:
+    """Raise ImageError for an image too elongated to resize before cropping."""
+    ratio = max(width, height) / max(min(width, height), 1)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"image is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1, "
+            f"over the limit of {MAX_ASPECT_RATIO}:1; crop it to a less elongated "
+            "shape",
+            too_large=True,
+        )
+
+
 def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
     """Return (width, height) after resizing the shorter side to ``resize_size``.
 
@@ -140,6 +158,7 @@ def preprocess_image(image: Image.Image, preprocessing: Preprocessing) -> np.nda
     Returns:
         float32 array of shape [3, crop_size, crop_size], normalised.
     """
+    check_aspect_ratio(image.width, image.height)
     if image.mode != "RGB":
         image = to_rgb(image)
 

@@ -73,7 +73,16 @@ def check_id(item_id: str, info: ValidationInfo) -> str:
 
 def check_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
     limits = _limits(info)
-    size = len(json.dumps(metadata, separators=(",", ":")).encode())
+    try:
+        # Standard JSON has no NaN or Infinity, and SQLite's JSON functions
+        # reject a stored document that contains them.
+        encoded = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(
+            "metadata contains NaN or Infinity, which JSON does not allow; send "
+            "null or a string in their place"
+        ) from exc
+    size = len(encoded.encode())
     if size > limits.max_metadata_bytes:
         raise ValueError(
             f"metadata is {size} bytes as JSON, more than the limit of "
@@ -118,13 +127,17 @@ def normalise_vector(vector: list[float], info: ValidationInfo) -> list[float]:
         )
     if not all(math.isfinite(x) for x in vector):
         raise ValueError("vector contains NaN or infinite values; send finite numbers")
-    norm = math.sqrt(math.fsum(x * x for x in vector))
-    if norm == 0.0:
+    peak = max((abs(x) for x in vector), default=0.0)
+    if peak == 0.0:
         raise ValueError(
             "vector is all zeros, so it has no direction to compare by cosine; "
             "send a non-zero vector"
         )
-    return [x / norm for x in vector]
+    # Dividing by the largest magnitude first keeps the squares from overflowing
+    # (values near 1e308) or underflowing to zero (values near 1e-200).
+    scaled = [x / peak for x in vector]
+    norm = math.sqrt(math.fsum(x * x for x in scaled))
+    return [x / norm for x in scaled]
 
 
 _K_FIELD = Field(default=10, ge=1, description="Number of results, 1 to max_k.")
@@ -214,6 +227,17 @@ class SearchOptions(BaseModel):
             if not value:
                 raise ValueError(
                     "filter is empty; leave it out or give at least one key"
+                )
+            if "" in value:
+                raise ValueError(
+                    'filter has an empty key ""; name a top-level metadata key'
+                )
+            if any(
+                isinstance(v, float) and not math.isfinite(v) for v in value.values()
+            ):
+                raise ValueError(
+                    "filter contains NaN or Infinity, which no stored metadata "
+                    "holds; filter on a finite number, a string, a boolean or null"
                 )
             if len(value) > MAX_FILTER_KEYS:
                 raise ValueError(

@@ -75,3 +75,29 @@ def test_serve_without_bundle_fails(monkeypatch):
     monkeypatch.delenv("DCL_DATA_DIR", raising=False)
     args = make_parser().parse_args(["serve"])
     assert args.func(args) == 2
+
+
+def test_serve_modified_bundle_fails(bundle_dir: Path, tmp_path: Path, caplog):
+    import shutil
+
+    changed = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, changed)
+    with (changed / "model.onnx").open("ab") as model:
+        model.write(b"\0")
+    args = make_parser().parse_args(
+        ["serve", "--bundle", str(changed), "--data-dir", str(tmp_path / "data")]
+    )
+
+    assert args.func(args) == 2
+    assert "sha256" in caplog.text
+
+
+def test_serve_unwritable_data_dir_fails(bundle_dir: Path, tmp_path: Path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = make_parser().parse_args(
+        ["serve", "--bundle", str(bundle_dir), "--data-dir", str(blocker / "data")]
+    )
+
+    assert args.func(args) == 2
+    assert "cannot create data dir" in caplog.text

@@ -10,6 +10,7 @@ from PIL import Image
 
 from service.bundle import Preprocessing
 from service.preprocess import (
+    MAX_ASPECT_RATIO,
     ImageError,
     center_crop_box,
     decode_image,
@@ -177,3 +178,21 @@ def test_thumbnail_is_small_jpeg():
     thumbnail = Image.open(io.BytesIO(data))
     assert thumbnail.format == "JPEG"
     assert thumbnail.size == (96, 64)
+
+
+def test_elongated_image_rejected_before_decoding():
+    buffer = io.BytesIO()
+    Image.new("RGB", (MAX_ASPECT_RATIO * 10 + 10, 10)).save(buffer, format="PNG")
+    with pytest.raises(ImageError) as raised:
+        decode_image(buffer.getvalue(), max_pixels=40_000_000)
+    assert raised.value.too_large
+    assert f"{MAX_ASPECT_RATIO}:1" in str(raised.value)
+
+
+def test_elongated_image_within_limit_preprocessed():
+    image = Image.new("RGB", (MAX_ASPECT_RATIO * 4, 4), (10, 20, 30))
+    assert preprocess_image(image, SIMPLE).shape == (3, 2, 2)
+
+    too_long = Image.new("RGB", (MAX_ASPECT_RATIO * 4 + 4, 4))
+    with pytest.raises(ImageError):
+        preprocess_image(too_long, SIMPLE)

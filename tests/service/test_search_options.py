@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from tests.service.conftest import DIM, encode, random_image
 
@@ -84,3 +85,52 @@ def test_filter_multipart(server_factory):
         )
         assert response.status_code == 422
         assert "filter" in response.text
+
+
+def test_nan_metadata_and_empty_filter_key_rejected(server_factory):
+    live = server_factory()
+    with live.client() as client:
+        good = {"id": "ok", "vector": unit(5), "metadata": {"label": "3"}}
+        assert client.post("/v1/items", json={"items": [good]}).status_code == 201
+
+        for raw in ('{"score": NaN}', '{"score": Infinity}', '{"score": 1e400}'):
+            vector = json.dumps(unit(6))
+            item = f'{{"id": "poison", "vector": {vector}, "metadata": {raw}}}'
+            body = f'{{"items": [{item}]}}'
+            response = client.post(
+                "/v1/items",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
+            assert response.status_code == 422, (raw, response.text)
+            assert "NaN or Infinity" in response.text
+
+        response = client.post(
+            "/v1/items",
+            data={"id": "poison", "metadata": '{"x": NaN}'},
+            files={"image": ("a.png", encode(random_image(1)), "image/png")},
+        )
+        assert response.status_code == 422, response.text
+
+        filtered = {"vector": unit(5), "k": 2, "filter": {"label": "3"}}
+        response = client.post("/v1/search", json=filtered)
+        assert response.status_code == 200, response.text
+        assert [hit["id"] for hit in response.json()["results"]] == ["ok"]
+
+        response = client.post("/v1/search", json={**filtered, "filter": {"": 1}})
+        assert response.status_code == 422, response.text
+
+
+def test_extreme_vector_magnitudes_normalised(server_factory):
+    live = server_factory()
+    with live.client() as client:
+        items = [
+            {"id": "huge", "vector": [1e308] * DIM, "metadata": {}},
+            {"id": "tiny", "vector": [1e-200] * DIM, "metadata": {}},
+        ]
+        response = client.post("/v1/items", json={"items": items})
+        assert response.status_code == 201, response.text
+
+        response = client.post("/v1/search", json={"vector": [1.0] * DIM, "k": 2})
+        scores = [hit["score"] for hit in response.json()["results"]]
+        assert scores == pytest.approx([1.0, 1.0], abs=1e-5)
