@@ -26,6 +26,7 @@ import argparse
 import datetime
 import logging
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -231,8 +232,9 @@ def main() -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("docs/benchmarks-search.md"),
-        help="Markdown file the results section is written to.",
+        default=None,
+        help="Markdown file for the results section (default: print it); the "
+        "published copy is a section of docs/benchmarks.md.",
     )
     args = parser.parse_args()
     if "exact" not in args.kinds:
@@ -259,8 +261,12 @@ def main() -> None:
         f"--kinds {' '.join(args.kinds)} "
         f"--rerank-factors {' '.join(map(str, args.rerank_factors))}"
     )
-    args.out.write_text(markdown(rows, command, config, args.threads))
-    logger.info("Wrote %s", args.out)
+    section = markdown(rows, command, config, args.threads)
+    if args.out is None:
+        sys.stdout.write(section)
+    else:
+        args.out.write_text(section)
+        logger.info("Wrote %s", args.out)
 
 
 if __name__ == "__main__":
