@@ -8,7 +8,9 @@ scaler, loss state and random number generator states when the run can resume.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +115,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"checkpoint {path} not found; pass the checkpoint.pt of a run"
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+    ) as exc:
+        reason = _first_sentence(exc)
+        cause = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+        raise ValueError(
+            f"cannot read {path} as a checkpoint ({cause}); the file is truncated "
+            "or is not a checkpoint. Pass the checkpoint.pt that `dcl train` wrote"
+        ) from exc
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{path} contains a {type(checkpoint).__name__}, not a checkpoint dict; "
+            "pass the checkpoint.pt that `dcl train` wrote"
+        )
     missing = {"model", "config", "arch", "preprocessing"} - set(checkpoint)
     if missing:
         raise ValueError(
@@ -121,6 +142,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "the checkpoint.pt that `dcl train` wrote"
         )
     return checkpoint
+
+
+def _first_sentence(error: BaseException) -> str:
+    """Return the first sentence of an error's message.
+
+    torch's load errors go on with advice for other cases, such as retrying with
+    ``weights_only=False``, which is unsafe for files of unknown origin.
+    """
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else ""
+    return first_line.split(". ", 1)[0].rstrip(".")
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> ContrastiveModel:

@@ -110,8 +110,13 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in TrainConfig.model_fields}
     try:
         config = load_config(args.config, **overrides)
+        _check_out_dir_is_new(config)
         result = train(config)
     except ValueError as exc:
+        logger.error("dcl train: %s", exc)
+        return 2
+    except FloatingPointError as exc:
+        # Raised by the training step when the loss is NaN or infinite.
         logger.error("dcl train: %s", exc)
         return 2
     knn = f"{result.knn_top1:.4f}" if result.knn_top1 is not None else "skipped"
@@ -122,6 +127,20 @@ def run_train(args: argparse.Namespace) -> int:
         result.epochs,
     )
     return 0
+
+
+def _check_out_dir_is_new(config: TrainConfig) -> None:
+    """Raise ValueError if a new run would overwrite the run in ``config.out_dir``."""
+    from training.checkpoint import CHECKPOINT_NAME
+
+    if config.resume is not None:
+        return
+    out_dir = Path(config.out_dir)
+    if (out_dir / CHECKPOINT_NAME).is_file():
+        raise ValueError(
+            f"{out_dir} already contains a run ({CHECKPOINT_NAME}); pass "
+            f"`--resume {out_dir}` to continue it, or a new --out folder"
+        )
 
 
 def run_export(args: argparse.Namespace) -> int:

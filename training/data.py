@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -182,6 +182,11 @@ def detect_source(source: str | Path) -> SourceKind:
     if str(source) == "digits":
         return "digits"
     path = Path(source)
+    if path.is_file():
+        raise ValueError(
+            f"data source {str(source)!r} is a file, not a folder; pass the folder "
+            f"that contains it ({str(path.parent)!r})"
+        )
     if not path.is_dir():
         raise ValueError(
             f"data source {str(source)!r} not found; pass {ACCEPTED_LAYOUTS}"
@@ -293,15 +298,40 @@ def _normalisation(
 
 
 def _split(
-    dataset: Dataset, labels: np.ndarray, seed: int, test_fraction: float
+    dataset: Dataset,
+    labels: np.ndarray,
+    seed: int,
+    test_fraction: float,
+    *,
+    source: Path,
+    classes: Sequence[str],
+    presplit_hint: str,
 ) -> tuple[Subset, Subset]:
-    """Split a labelled data set per class, deterministically for a seed."""
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)),
-        test_size=test_fraction,
-        random_state=seed,
-        stratify=labels,
-    )
+    """Split a labelled data set per class, deterministically for a seed.
+
+    Raises:
+        ValueError: a class has too few images for a split per class; the message
+            names ``source``, the image count of each class and ``presplit_hint``.
+    """
+    try:
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)),
+            test_size=test_fraction,
+            random_state=seed,
+            stratify=labels,
+        )
+    except ValueError as exc:
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+        found = ", ".join(
+            f"{name}: {count}" for name, count in zip(classes, counts, strict=True)
+        )
+        raise ValueError(
+            f"cannot split {source} into train and test sets per class "
+            f"(test_fraction {test_fraction:g}); images per class: {found}. Every "
+            "class needs at least 2 images, and each set needs at least one image "
+            f"per class ({len(classes)} classes). Add images, or {presplit_hint} "
+            f"(scikit-learn: {exc})"
+        ) from exc
     return Subset(dataset, train_idx), Subset(dataset, test_idx)
 
 
@@ -327,7 +357,13 @@ def _image_folder_splits(
 
     full = ImageFolder(path, loader=load_rgb)
     train, test = _split(
-        SkipUnreadable(full), np.asarray(full.targets), seed, test_fraction
+        SkipUnreadable(full),
+        np.asarray(full.targets),
+        seed,
+        test_fraction,
+        source=path,
+        classes=full.classes,
+        presplit_hint="give train/ and test/ folders with the same class folders",
     )
     return train, test, tuple(full.classes)
 
@@ -341,7 +377,13 @@ def _shard_splits(
         return SkipUnreadable(train), SkipUnreadable(test), train.classes
     full = TarShards(path, "all")
     train_part, test_part = _split(
-        SkipUnreadable(full), full.labels, seed, test_fraction
+        SkipUnreadable(full),
+        full.labels,
+        seed,
+        test_fraction,
+        source=path,
+        classes=full.classes,
+        presplit_hint="add test shards (names starting with test or val)",
     )
     return train_part, test_part, full.classes
 

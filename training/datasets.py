@@ -572,6 +572,24 @@ def describe_item(dataset: Dataset, index: int) -> str:
     return f"item {index}"
 
 
+class UnreadableImagesError(ValueError, RuntimeError):
+    """Too many consecutive images of a data set failed to load.
+
+    A ValueError, so the CLI reports it as invalid input; also a RuntimeError, the
+    type that :class:`SkipUnreadable` raised before.
+    """
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader re-raises a worker's error in the main process as
+        # ``type(error)(text)``, where text is the worker's whole traceback
+        # (ExceptionWrapper.reraise in torch/_utils.py, torch 2.14). Keep only the
+        # original message, which ends that traceback, so the CLI prints one line.
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 class SkipUnreadable(Dataset):
     """Wrap a file-backed data set so that an unreadable image never stops an epoch.
 
@@ -608,9 +626,11 @@ class SkipUnreadable(Dataset):
                 last_error = exc
                 self._record_skip(current, exc)
         first = describe_item(self.dataset, index)
-        raise RuntimeError(
-            f"{self.max_attempts} consecutive images, starting at {first}, are "
-            "unreadable; check the data set's files"
+        attempts = min(self.max_attempts, size)
+        raise UnreadableImagesError(
+            f"{attempts} consecutive images, starting at {first}, are unreadable "
+            f"(last error: {last_error}); replace or delete the broken files, or "
+            "pass a data folder whose images open with PIL"
         ) from last_error
 
     def _record_skip(self, index: int, error: BaseException) -> None:

@@ -22,6 +22,9 @@ from training.runlog import METRICS_NAME, STEPS_NAME  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# Fields that every plotted record needs; ``knn_top1`` is optional.
+REQUIRED_FIELDS = frozenset({"step", "loss"})
+
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read a JSON-lines file, skipping blank lines.
@@ -46,7 +49,8 @@ def load_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """Return the epoch records and the step records of a run folder.
 
     Raises:
-        ValueError: the folder has no ``metrics.jsonl`` or it has no records.
+        ValueError: the folder has no ``metrics.jsonl``, it has no records, or
+            none of the records of a file has ``step`` and ``loss``.
     """
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_NAME
@@ -54,12 +58,40 @@ def load_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
         raise ValueError(
             f"{metrics_path} not found; pass a run folder written by `dcl train`"
         )
-    epochs = read_jsonl(metrics_path)
+    epochs = _complete_records(metrics_path, read_jsonl(metrics_path))
     steps_path = run_dir / STEPS_NAME
-    steps = read_jsonl(steps_path) if steps_path.is_file() else []
+    steps = []
+    if steps_path.is_file():
+        steps = _complete_records(steps_path, read_jsonl(steps_path))
     if not epochs and not steps:
         raise ValueError(f"{run_dir} has no metrics yet; wait for its first epoch")
     return epochs, steps
+
+
+def _complete_records(path: Path, records: list[Any]) -> list[dict[str, Any]]:
+    """Keep the records that have every field of :data:`REQUIRED_FIELDS`.
+
+    Logs a warning with the count of dropped records, and raises ValueError if
+    records exist but none is complete, since the file is then not a run log.
+    """
+    complete = [
+        r for r in records if isinstance(r, dict) and REQUIRED_FIELDS <= r.keys()
+    ]
+    dropped = len(records) - len(complete)
+    if dropped and not complete:
+        raise ValueError(
+            f"no record in {path} has the fields {sorted(REQUIRED_FIELDS)}; pass a "
+            "run folder written by `dcl train`"
+        )
+    if dropped:
+        logger.warning(
+            "skipping %d of %d records in %s that lack a field of %s",
+            dropped,
+            len(records),
+            path,
+            sorted(REQUIRED_FIELDS),
+        )
+    return complete
 
 
 def plot_runs(
@@ -76,7 +108,8 @@ def plot_runs(
         The path of the PNG.
 
     Raises:
-        ValueError: no run folders, a folder without metrics, or a label count
+        ValueError: no run folders, a folder without metrics, a metrics file
+            without a record that has ``step`` and ``loss``, or a label count
             that differs from the run count.
     """
     if not run_dirs:

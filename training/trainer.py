@@ -598,16 +598,27 @@ class _Run:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
 
-                loss = train_step(
-                    self.step_model,
-                    self.loss_fn,
-                    self.optimizer,
-                    view1.to(device, non_blocking=True, memory_format=memory_format),
-                    view2.to(device, non_blocking=True, memory_format=memory_format),
-                    scaler=self.scaler,
-                    autocast_dtype=self.autocast_dtype,
-                    grad_clip=config.grad_clip,
-                )
+                try:
+                    loss = train_step(
+                        self.step_model,
+                        self.loss_fn,
+                        self.optimizer,
+                        view1.to(
+                            device, non_blocking=True, memory_format=memory_format
+                        ),
+                        view2.to(
+                            device, non_blocking=True, memory_format=memory_format
+                        ),
+                        scaler=self.scaler,
+                        autocast_dtype=self.autocast_dtype,
+                        grad_clip=config.grad_clip,
+                    )
+                except FloatingPointError as exc:
+                    raise FloatingPointError(
+                        f"at step {schedule.step + 1} (lr {lr:g}, temperature "
+                        f"{config.temperature:g}), {exc} with --lr and "
+                        "--temperature"
+                    ) from exc
                 loss_value = loss.item()
                 state.epoch_loss_sum += loss_value
                 state.epoch_step += 1
