@@ -564,7 +564,7 @@ class ApproximateIndex:
         """Read an index written by ``write``.
 
         Raises:
-            SnapshotError: a file is unreadable or holds another kind of index.
+            SnapshotError: a file is unreadable or contains another kind of index.
         """
         index = _read_faiss(path)
         expected = faiss.IndexHNSWFlat if kind == "hnsw" else faiss.IndexIVFPQ

@@ -97,7 +97,7 @@ class FileSource:
 class NewItem:
     """An item to add or replace.
 
-    ``source`` holds the encoded image it was embedded from and ``source_file``
+    ``source`` is the encoded image it was embedded from and ``source_file``
     the file it was read from; either lets a new model re-embed the item. An
     item added by vector has neither.
     """

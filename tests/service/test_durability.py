@@ -36,7 +36,7 @@ def item_vector(item_id: str, version: int) -> list[float]:
 
 @dataclass
 class Ledger:
-    """What the client knows: acknowledged versions and the one write in flight.
+    """The client's record: acknowledged versions and the one write in flight.
 
     A version of None means absent. ``pending`` is (id, version after the write).
     """
